@@ -1,0 +1,8 @@
+"""formers: the transformer systems of one paper catalog, in one PyTorch library."""
+from .checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from .flops import count_flops
+from .registry import ModelCard, create_model, list_models, list_papers, model_info, register_model
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "model_info", "list_papers", "count_flops",
+           "load_checkpoint", "save_checkpoint", "read_state_dict", "ModelCard", "register_model"]

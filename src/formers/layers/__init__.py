@@ -1,0 +1,11 @@
+"""Parts shared by two or more models."""
+from .activations import SquaredReLU, StarReLU
+from .attention import Attention, sdpa
+from .drop import DropPath, drop_path_rates
+from .helpers import check_image_input, feature_take_indices, to_2tuple
+from .mixers import IdentityMixer, Pooling, RandomMixing, SepConv
+from .mlp import ConvMlp, Mlp
+from .norms import ChannelLayerNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
+from .patch_embed import PatchEmbed
+from .windows import (relative_position_bias, relative_position_index, window_attention_mask,
+                      window_partition, window_region_ids, window_reverse)

@@ -1,0 +1,63 @@
+"""Small helpers every model uses: tuples, index selection, input checks."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_2tuple", "feature_take_indices", "check_image_input"]
+
+
+def to_2tuple(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+def feature_take_indices(num_stages: int, indices=None) -> tuple[list[int], int]:
+    """timm's meaning: None = all, an int n = the last n, a list = those (negative from the end).
+
+    Returns the absolute indices and the largest one (so a caller can stop early).
+    """
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: expected 1..{num_stages}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        take = []
+        for i in indices:
+            j = i + num_stages if i < 0 else i
+            if not 0 <= j < num_stages:
+                raise ValueError(f"feature index {i} is out of range for {num_stages} stages")
+            take.append(j)
+    return take, max(take)
+
+
+def check_image_input(model, x, divisor: int = 1, min_size: int = 1, fixed_size=None) -> tuple[int, int]:
+    """Raise a ValueError naming the model and what it needs for a batch it cannot take.
+
+    Returns (H, W). `divisor`: H and W must be multiples of it; `fixed_size`: (H, W) the
+    model was built for and cannot change (e.g. a frozen token-mixing matrix).
+    """
+    name = getattr(model, "model_name", type(model).__name__)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point image tensor, got dtype {x.dtype}; "
+                         "convert it with x.float() (and normalise it) first")
+    in_chans = getattr(model, "in_chans", None)
+    if in_chans is not None and x.shape[1] != in_chans:
+        raise ValueError(f"{name}: expected {in_chans} input channels, got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} to change that")
+    h, w = x.shape[-2:]
+    if fixed_size is not None and (h, w) != tuple(fixed_size):
+        raise ValueError(f"{name}: this model only takes {fixed_size[0]}x{fixed_size[1]} inputs, got {h}x{w}")
+    if h < min_size or w < min_size or h % divisor or w % divisor:
+        need = f"a multiple of {divisor}" if divisor > 1 else "any size"
+        raise ValueError(f"{name}: cannot take a {h}x{w} input; height and width must be {need}"
+                         f" and at least {min_size}")
+    return h, w

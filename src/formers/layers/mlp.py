@@ -1,0 +1,35 @@
+"""Feed-forward blocks."""
+import torch.nn as nn
+
+__all__ = ["Mlp", "ConvMlp"]
+
+
+class Mlp(nn.Module):
+    """Linear -> act -> drop -> Linear -> drop, on the last dimension."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act_layer=nn.GELU,
+                 bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class ConvMlp(nn.Module):
+    """The same as Mlp with 1x1 convolutions, on NCHW maps."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act_layer=nn.GELU,
+                 bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(hidden, out_dim or dim, 1, bias=bias)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

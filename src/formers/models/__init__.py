@@ -1,0 +1,8 @@
+"""One file per paper. Importing this package imports every model file, which registers
+its variants; a new file is picked up without being listed here."""
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,167 @@
+"""The model registry: one entry per named variant, each with the card of its paper.
+
+A model file registers its variants with `@register_model(card)`; `create_model` builds
+them, `list_models` finds them and `model_info` tells what the paper reported for them.
+The paper catalog (`papers.tsv`, the 77 papers this library covers) is package data.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import fnmatch
+import importlib.resources
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import torch.nn as nn
+
+__all__ = [
+    "ModelCard", "register_model", "create_model", "list_models", "model_info",
+    "list_papers", "model_entry", "make_cfg",
+]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the paper (or its official repository) reports for one variant.
+
+    FLOPs in these papers are multiply-accumulates, so `macs_g` holds the number the
+    paper prints as "FLOPs" (in G). `params_m` is the paper's own rounding, as printed.
+    """
+    paper: int                    # catalog id
+    arxiv: str
+    repo: str                     # official code, "owner/name"
+    official_name: str = ""       # the variant's name in the paper / official code
+    params_m: str | None = None   # as printed by the paper ("28", "11.9+0.2")
+    macs_g: float | None = None
+    img_size: int = 224
+    top1: float | None = None
+    status: str = "implemented"   # implemented | reduced (not in the paper: demo/test config)
+    notes: str = ""
+
+    @property
+    def title(self) -> str:
+        return paper_catalog()[self.paper]["title"]
+
+    def reported_params(self) -> tuple[float, float] | None:
+        """(value in M, tolerance): 1% plus half a unit of the last digit the paper printed."""
+        if not self.params_m:
+            return None
+        parts = self.params_m.split("+")
+        value = sum(float(p) for p in parts)
+        half_unit = sum(0.5 * 10 ** -len(p.split(".")[1]) if "." in p else 0.5 for p in parts)
+        return value, 0.01 * value + half_unit
+
+
+@dataclass
+class _Entry:
+    name: str
+    fn: Callable[..., nn.Module]
+    card: ModelCard
+    module: str
+    cfg: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def make_cfg(**overrides) -> dict:
+    """A pretrained_cfg with timm's keys and defaults."""
+    cfg = dict(
+        input_size=(3, 224, 224), num_classes=1000, interpolation="bicubic", crop_pct=0.9,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv="patch_embed.proj", classifier="head", fixed_input_size=False,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def register_model(card: ModelCard, **cfg):
+    """Register a variant builder `fn(**kwargs) -> nn.Module` under its function name."""
+    def wrap(fn):
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = _Entry(name, fn, card, fn.__module__,
+                                 make_cfg(input_size=(3, card.img_size, card.img_size), **cfg))
+        return fn
+    return wrap
+
+
+def _ensure_loaded():
+    # Importing the models package runs every @register_model.
+    import formers.models  # noqa: F401
+
+
+def model_entry(name: str) -> _Entry:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `formers list` shows them all"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def list_models(pattern: str = "*", module: str = "") -> list[str]:
+    """Registered variant names matching an fnmatch pattern (and a model file, if given)."""
+    _ensure_loaded()
+    names = [n for n, e in _REGISTRY.items()
+             if fnmatch.fnmatch(n, pattern) and (not module or e.module.endswith("." + module))]
+    return sorted(names)
+
+
+def create_model(name: str, num_classes: int | None = None, img_size=None, in_chans: int | None = None,
+                 checkpoint: str | None = None, strict: bool = True, **overrides) -> nn.Module:
+    """Build a registered variant.
+
+    Keyword arguments that are None are dropped so the variant's defaults win (as in timm).
+    `checkpoint` is an official release file, a timm-format file or our own safetensors;
+    it is mapped through the model file's `checkpoint_filter_fn`.
+    """
+    entry = model_entry(name)
+    kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        model = entry.fn(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{name}: cannot build with {sorted(kwargs)}: {e}") from None
+    cfg = dict(entry.cfg)
+    cfg["architecture"] = name
+    cfg["num_classes"] = model.num_classes
+    img = getattr(model, "img_size", None)
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else img
+        cfg["input_size"] = (getattr(model, "in_chans", 3), h, w)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    model.model_name = name
+    if checkpoint is not None:
+        from formers.checkpoint import load_checkpoint
+        load_checkpoint(model, checkpoint, strict=strict)
+    return model
+
+
+def model_info(name: str) -> dict:
+    """The card of a variant as a plain dict (paper title, arXiv id, reported numbers)."""
+    entry = model_entry(name)
+    info = {"name": name, "module": entry.module, "title": entry.card.title}
+    info.update(asdict(entry.card))
+    info["pretrained_cfg"] = dict(entry.cfg)
+    return info
+
+
+@lru_cache(maxsize=1)
+def paper_catalog() -> dict[int, dict]:
+    text = importlib.resources.files("formers").joinpath("papers.tsv").read_text(encoding="utf-8")
+    rows = csv.DictReader(text.splitlines(), delimiter="\t")
+    return {int(r["id"]): {"id": int(r["id"]), "title": r["title"], "code_url": r["code_url"]} for r in rows}
+
+
+def list_papers() -> list[dict]:
+    """All catalog papers, each with the registered models that implement it."""
+    _ensure_loaded()
+    papers = {pid: dict(row, models=[]) for pid, row in paper_catalog().items()}
+    for name, entry in sorted(_REGISTRY.items()):
+        papers[entry.card.paper]["models"].append(name)
+    return [papers[pid] for pid in sorted(papers)]
