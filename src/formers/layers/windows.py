@@ -46,9 +46,7 @@ def window_region_ids(h: int, w: int, wh: int, ww: int, sh: int, sw: int, valid_
 
 
 def window_attention_mask(ids, wh: int, ww: int, value: float = -100.0):
-    """(nW, N, N) additive mask from region labels (see window_region_ids); None if nothing is masked."""
-    if bool((ids == ids.flatten()[0]).all()):
-        return None
+    """(nW, N, N) additive mask from region labels (see window_region_ids): `value` where they differ."""
     win = window_partition(ids[None, :, :, None].float(), wh, ww)[0, :, :, 0]  # (nW, N)
     differ = win[:, :, None] != win[:, None, :]
     return torch.zeros(differ.shape, device=ids.device).masked_fill(differ, value)
