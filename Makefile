@@ -1,0 +1,30 @@
+# make demo | make test | make bench — each creates .venv on first use.
+# torch comes from this machine's local wheels: torch 2.14.1 + torchvision 0.29.1 is the pair
+# that lets timm (the test peer) import with no workaround (see shared/reference/environment.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/formers train swin_demo --dataset digits --out runs/demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(TEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/formers bench swin_tiny_patch4_window7_224 poolformer_s12 convformer_s18 caformer_s18 \
+		--peer timm --out runs/bench/bench.csv $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) runs
