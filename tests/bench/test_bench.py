@@ -277,3 +277,14 @@ def test_cli_kwargs_scoped_to_a_model():
     assert _kwargs(items, "poolformer_s12", "--x")["final_norm"] == "layer"
     with pytest.raises(BenchError, match=r"\[MODEL:\]KEY=VALUE"):
         _kwargs(["window_size"], "swin_demo", "--model-kwargs")
+
+
+def test_model_file_timm_compat_kwargs_are_used_and_explicit_ones_win(monkeypatch):
+    import formers.models.swin as swin
+    monkeypatch.setattr(swin, "TIMM_COMPAT_KWARGS", {"swin_tiny_patch4_window7_224": {"drop_rate": 0.25}},
+                        raising=False)
+    seen = []
+    for ours_kwargs in ({}, {"drop_rate": 0.5}):
+        benchmark("swin_tiny_patch4_window7_224", peer="timm", img_size=64, batch_size=2, model_kwargs=SMALL_SWIN,
+                  ours_kwargs=ours_kwargs, prepare=lambda ours, peer: seen.append(ours.pos_drop.p), **FAST)
+    assert seen == [0.25, 0.5]

@@ -16,7 +16,7 @@ __all__ = ["add_parser", "run"]
 
 _EXAMPLES = """examples:
   formers bench swin_tiny_patch4_window7_224 --peer timm --batch-size 8 --mode both
-  formers bench swin_demo --img-size 32 --sweep img-size=32,64,128 --out runs/bench/demo.csv
+  formers bench swin_demo --sweep img-size=32,64,128 --out runs/bench/demo.csv
   formers bench --machine            (measure this machine's fp32/bf16 matmul limits, cached)
 """
 
@@ -79,6 +79,8 @@ def run(args) -> int:
                 compile=args.compile, optimized=args.optimize, threads=args.threads, min_time=args.min_time,
                 repeats=args.repeats, warmup=args.warmup, device=device, limits=limits, log=log)
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    if args.sweep and args.img_size:
+        raise BenchError("--sweep img-size=... sets the image sizes; drop --img-size")
     sizes = _sweep_sizes(args.sweep) if args.sweep else [args.img_size]
     rows = []
     try:

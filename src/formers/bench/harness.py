@@ -138,6 +138,18 @@ def _stem_reduction(model: nn.Module) -> int:
     return int(info[0].get("reduction", 1))
 
 
+def timm_compat_kwargs(name: str) -> dict:
+    """Our create_model kwargs under which `name` computes what timm's model of that name computes.
+
+    A model file whose variant deliberately differs from timm's port (the official code and timm
+    disagree) declares them as `TIMM_COMPAT_KWARGS = {variant: {kwarg: value}}`; --peer timm uses
+    them (explicit ours_kwargs win).
+    """
+    from formers.registry import model_entry
+    module = sys.modules.get(model_entry(name).module)
+    return dict(getattr(module, "TIMM_COMPAT_KWARGS", {}).get(name, {}))
+
+
 def _build_ours(name: str, img_size: int | None, model_kwargs: dict, device) -> nn.Module:
     torch.manual_seed(0)
     return formers.create_model(name, img_size=img_size, **model_kwargs).to(device)
@@ -342,7 +354,8 @@ def benchmark(models, peer: str | None = None, batch_size: int = 8, img_size: in
     """Benchmark each model (and the peer's model of the same name); one row per model and impl.
 
     `model_kwargs` go to both builders, `ours_kwargs` / `peer_kwargs` to one only (to align a
-    documented difference, e.g. poolformer_s12's final norm: ours_kwargs=dict(final_norm='layer')).
+    documented difference, e.g. poolformer_s12's final norm: ours_kwargs=dict(final_norm='layer'));
+    with peer='timm', the model file's TIMM_COMPAT_KWARGS for the variant come first.
     `limits` is `machine_limits()`'s record (adds frac_of_peak); `prepare(ours, peer)` is called
     after the peer's weights are loaded into ours and before the outputs are compared (a test hook).
     """
@@ -375,7 +388,8 @@ def benchmark(models, peer: str | None = None, batch_size: int = 8, img_size: in
 
 def _bench_one(name, peer, batch_size, img_size, precision, modes, compile, optimized, min_time, repeats, warmup,
                dev, kwargs, limits, prepare, log) -> list[dict]:
-    ours = _build_ours(name, img_size, kwargs[0], dev)
+    ours_kw = {**timm_compat_kwargs(name), **kwargs[0]} if peer == "timm" else kwargs[0]
+    ours = _build_ours(name, img_size, ours_kw, dev)
     size = _image_size(ours, img_size)
     in_chans = getattr(ours, "in_chans", 3)
     num_classes = getattr(ours, "num_classes", 1000)
