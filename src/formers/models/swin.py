@@ -86,7 +86,8 @@ class SwinBlock(nn.Module):
         # A dimension that fits in one window is not shifted: shifting would only wrap it around.
         sh = self.shift_size if h > ws else 0
         sw = self.shift_size if w > ws else 0
-        x = F.pad(x, (0, 0, 0, -w % ws, 0, -h % ws))
+        if h % ws or w % ws:
+            x = F.pad(x, (0, 0, 0, -w % ws, 0, -h % ws))
         hp, wp = x.shape[1:3]
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
@@ -111,8 +112,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x):
         b, h, w, c = x.shape
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        h, w = x.shape[1:3]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = x.shape[1:3]
         # channel order of the paper's code: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
         x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
