@@ -49,13 +49,17 @@ class WindowAttention(nn.Module):
     def forward(self, x, mask=None):
         """x: (B, nW, N, C) windows; mask: (nW, N, N) additive or None."""
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # (B, nW, heads, N, d)
+        # The CPU flash kernel takes 4-D tensors only (5-D falls back to the math path): windows go
+        # into the batch when all share one bias, into the head axis when the mask differs per window.
         bias = relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
-        if mask is not None:
-            bias = bias + mask[:, None]  # (nW, heads, N, N)
+        if mask is None:
+            groups, bias = (b * nw, self.num_heads), bias[None]  # (1, heads, N, N)
+        else:
+            groups, bias = (b, nw * self.num_heads), (bias + mask[:, None]).reshape(1, -1, n, n)
+        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.reshape(3, *groups, n, self.head_dim).unbind(0)
         x = sdpa(q, k, v, bias.to(q.dtype), self.attn_drop if self.training else 0.0)
-        x = x.transpose(2, 3).reshape(b, nw, n, c)
+        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(x))
 
 
