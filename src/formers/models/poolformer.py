@@ -189,6 +189,9 @@ def checkpoint_filter_fn(state_dict: dict, model: PoolFormer) -> dict:
 
 _PAPER = dict(paper=70, arxiv="2111.11418", repo="sail-sg/poolformer")
 _CFG = dict(first_conv="stem.conv", classifier="head")
+# timm's PoolFormer pools before a LayerNorm (eps 1e-6) where the official model applies GroupNorm to
+# the whole map first; `formers bench --peer timm` builds ours this way to time the same computation.
+TIMM_COMPAT_KWARGS = {f"poolformer_{v}": {"final_norm": "layer"} for v in ("s12", "s24", "s36", "m36", "m48")}
 _S, _M = (64, 128, 320, 512), (96, 192, 384, 768)
 
 
