@@ -1,0 +1,159 @@
+"""`formers train` and `formers eval`.
+
+    formers train swin_demo --dataset digits --epochs 40 --batch-size 32 --lr 2e-3 --img-size 16 --out runs/demo
+    formers train swin_demo --out runs/demo --resume        (the other settings come from the checkpoint)
+    torchrun --nproc_per_node=2 -m formers.cli train ...      (or: python -m torch.distributed.run ...)
+    formers eval swin_demo --checkpoint runs/demo/best.safetensors --dataset digits
+
+A bad argument ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+
+__all__ = ["add_parser"]
+
+_S = argparse.SUPPRESS
+
+
+def _one_line_error(self, message):
+    print(f"{self.prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"depths\": [1, 1, 2, 1]}}', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _data_options(p, suppress: bool):
+    d = _S if suppress else None
+    p.add_argument("--dataset", default=_S if suppress else "digits", metavar="NAME",
+                   help="digits (default) | fashion-mnist | folder | npz")
+    p.add_argument("--data-dir", "--data", dest="data", default=d, metavar="PATH",
+                   help="fashion-mnist: directory of the IDX files (default /usr/share/datasets/fashion-mnist); "
+                        "folder: ROOT/<class>/*.png; npz: the .npz file")
+    p.add_argument("--img-size", type=_positive_int, default=d, metavar="S",
+                   help="train/eval at SxS (default: the data's size rounded up to what the model takes)")
+    p.add_argument("--limit-test", type=_positive_int, default=d, metavar="N",
+                   help="use a fixed subset of N test images")
+    p.add_argument("--model-kwargs", type=_json_object, default=_S if suppress else {}, metavar="JSON",
+                   help="extra keyword arguments for the model, e.g. '{\"drop_path_rate\": 0.1}'")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=_S if suppress else "fp32",
+                   help="bf16: autocast (CPU or GPU), weights stay fp32")
+    p.add_argument("--device", default=d, help="cpu | cuda (default: cuda if available)")
+
+
+def add_parser(subparsers):
+    from formers.train.trainer import TrainConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    p = subparsers.add_parser(
+        "train", help="train a registered model on an image data set (also under torchrun)",
+        description="Train a registered model; checkpoints, metrics.jsonl, curves.png, best/final weights "
+                    "and summary.json go to --out. Run it under `torchrun --nproc_per_node=N` for DDP.")
+    p.error = types.MethodType(_one_line_error, p)
+    p.add_argument("model", help="a registered model name (see `formers list`)")
+    _data_options(p, suppress=True)
+    p.add_argument("--out", default=_S, metavar="DIR", help="output directory (default runs/MODEL-DATASET)")
+    p.add_argument("--epochs", type=_positive_int, default=_S, help=f"default {defaults['epochs']}")
+    p.add_argument("--batch-size", type=_positive_int, default=_S,
+                   help=f"global batch, split across processes and --accum steps (default {defaults['batch_size']})")
+    p.add_argument("--lr", type=float, default=_S, help=f"peak AdamW learning rate (default {defaults['lr']})")
+    p.add_argument("--weight-decay", type=float, default=_S, help=f"default {defaults['weight_decay']}")
+    p.add_argument("--warmup-epochs", type=float, default=_S,
+                   help=f"linear warmup, then cosine (default {defaults['warmup_epochs']})")
+    p.add_argument("--min-lr-ratio", type=float, default=_S,
+                   help=f"final lr / peak lr (default {defaults['min_lr_ratio']})")
+    p.add_argument("--label-smoothing", type=float, default=_S, help=f"default {defaults['label_smoothing']}")
+    p.add_argument("--clip-grad", type=float, default=_S, metavar="NORM", help="clip the gradient norm (default off)")
+    p.add_argument("--accum", type=_positive_int, default=_S, help="gradient accumulation steps (default 1)")
+    p.add_argument("--ema", action="store_const", const=True, default=_S,
+                   help="keep an EMA of the weights (evaluated too)")
+    p.add_argument("--ema-decay", type=float, default=_S, help=f"default {defaults['ema_decay']}")
+    p.add_argument("--in-chans", type=_positive_int, default=_S,
+                   help="model input channels (default: the data's; grayscale is repeated for 3)")
+    p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default=_S,
+                   help="auto (default): padded random crop, plus flips where the data set allows them")
+    p.add_argument("--seed", type=int, default=_S, help="default 0")
+    p.add_argument("--limit-train", type=_positive_int, default=_S, metavar="N",
+                   help="use a fixed subset of N training images")
+    p.add_argument("--save-every", type=int, default=_S, metavar="STEPS",
+                   help=f"checkpoint every STEPS optimizer steps, and at each epoch's end "
+                        f"(default {defaults['save_every']})")
+    p.add_argument("--keep", type=_positive_int, default=_S, help="checkpoints kept (default 2)")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=_S, help="default 256")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_JSON",
+                   help="continue the run in --out from its newest checkpoint (or from the one given; "
+                        "put the model name first: `formers train MODEL --resume`)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=_S,
+                   help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.set_defaults(func=_cmd_train)
+
+    e = subparsers.add_parser(
+        "eval", help="top-1/top-5, loss and a confusion matrix of a weights file on a data set",
+        description="Evaluate weights (from `formers train`, or any checkpoint create_model reads) on a test split.")
+    e.error = types.MethodType(_one_line_error, e)
+    e.add_argument("model", help="a registered model name")
+    e.add_argument("--checkpoint", required=True, metavar="FILE", help="weights file (.safetensors, .pth)")
+    _data_options(e, suppress=False)
+    e.add_argument("--batch-size", type=_positive_int, default=256)
+    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="where the confusion matrix PNG and eval JSON go (default: beside the checkpoint)")
+    e.add_argument("--threads", type=_positive_int, default=None)
+    e.set_defaults(func=_cmd_eval)
+
+
+def _cmd_train(args):
+    import dataclasses as dc
+
+    import torch
+
+    from formers.train.common import TrainingDiverged
+    from formers.train.trainer import TrainConfig, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = {f.name for f in dc.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "out" not in given:
+        given["out"] = f"runs/{args.model}-{given.get('dataset', 'digits')}"
+    cfg = TrainConfig(**given)
+    try:
+        train(cfg, resume=args.resume, explicit=set(given))
+    except TrainingDiverged as e:
+        print(f"formers train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_eval(args):
+    import torch
+
+    from formers.train.evaluate import run_eval
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_eval(args.model, args.checkpoint, args.dataset, data=args.data, img_size=args.img_size,
+             batch_size=args.batch_size, limit_test=args.limit_test, precision=args.precision,
+             model_kwargs=args.model_kwargs, out=args.out, device=args.device, split=args.split)
+    return 0

@@ -1,0 +1,107 @@
+"""Top-1 / top-5 accuracy, loss and the confusion matrix of a model on a test split, and
+`formers eval`, which does it for a weights file and draws the matrix."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .common import autocast, read_weights_metadata
+
+__all__ = ["evaluate", "run_eval"]
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, transform, num_classes: int, batch_size: int = 256,
+             device: torch.device = torch.device("cpu"), precision: str = "fp32", ctx=None) -> dict:
+    """Metrics over (x, y); under torchrun each process takes a contiguous part and the sums are reduced."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(len(y))
+    if ctx is not None and ctx.distributed:
+        idx = idx.tensor_split(ctx.world_size)[ctx.rank]
+    k = num_classes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    confusion = torch.zeros(k * k, dtype=torch.long, device=device)
+    for i in range(0, len(idx), batch_size):
+        b = idx[i:i + batch_size]
+        xb = transform(x[b].to(device, non_blocking=True))
+        yb = y[b].to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(xb)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+        top = logits.topk(min(5, k), dim=1).indices
+        top5 += (top == yb[:, None]).any(1).sum()
+        confusion += torch.bincount(yb * k + top[:, 0], minlength=k * k)
+    if ctx is not None:
+        packed = ctx.all_reduce_sum(torch.cat([loss_sum.view(1), top5.double().view(1), confusion.double()]))
+        loss_sum, top5, confusion = packed[0], packed[1].long(), packed[2:].long()
+    model.train(was_training)
+    confusion = confusion.view(k, k).cpu()
+    n = int(confusion.sum())
+    return {
+        "n": n,
+        "loss": float(loss_sum) / max(n, 1),
+        "top1": 100.0 * float(confusion.trace()) / max(n, 1),
+        "top5": 100.0 * float(top5) / max(n, 1),
+        "confusion": confusion,
+    }
+
+
+def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = None,
+             img_size: int | None = None, batch_size: int = 256, limit_test: int | None = None,
+             precision: str = "fp32", model_kwargs: dict | None = None, out: str | None = None,
+             device: str | None = None, split: str = "test") -> dict:
+    """Evaluate a weights file on a data set's test split; print and write the results."""
+    import formers
+    from formers.data import BatchTransform, channel_stats, load_dataset
+
+    from .common import check_model, default_img_size
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    if not os.access(checkpoint, os.R_OK):
+        raise ValueError(f"checkpoint {checkpoint!r} is not readable")
+    if split not in ("test", "train"):
+        raise ValueError(f"--split must be test or train, got {split!r}")
+    meta = read_weights_metadata(checkpoint)
+    formers.registry.model_entry(model_name)        # an unknown name fails before any data is read
+    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs.update(model_kwargs or {})
+    size = img_size or meta.get("img_size")
+    data_set = load_dataset(dataset, data, img_size=size, limit_test=limit_test)
+    num_classes = meta.get("num_classes", data_set.num_classes)
+    if num_classes != data_set.num_classes:
+        raise ValueError(f"{checkpoint!r} has a {num_classes}-class head but {dataset} has "
+                         f"{data_set.num_classes} classes")
+    in_chans = meta.get("in_chans", data_set.channels)
+    if size is None:
+        size = default_img_size(model_name, data_set.size, in_chans, num_classes, kwargs)
+        data_set = data_set.resized(size)
+    check_model(model_name, num_classes, in_chans, size, kwargs)
+    mean, std = (meta["mean"], meta["std"]) if "mean" in meta else channel_stats(data_set.x_train)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = formers.create_model(model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
+                                 checkpoint=checkpoint, **kwargs).to(dev)
+    tf = BatchTransform(mean, std, in_chans)
+    x, y = (data_set.x_test, data_set.y_test) if split == "test" else (data_set.x_train, data_set.y_train)
+    res = evaluate(model, x, y, tf, num_classes, batch_size, dev, precision)
+    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    png = os.path.join(out, f"confusion_{stem}_{dataset}_{split}.png")
+    from .report import plot_confusion
+    plot_confusion(res["confusion"].numpy(), data_set.classes, png,
+                   title=f"{model_name} on {dataset} {split}: top-1 {res['top1']:.2f}%")
+    summary = {k: v for k, v in res.items() if k != "confusion"}
+    summary.update(model=model_name, checkpoint=checkpoint, dataset=dataset, split=split, img_size=size,
+                   confusion=res["confusion"].tolist(), classes=data_set.classes, confusion_png=png)
+    with open(os.path.join(out, f"eval_{stem}_{dataset}_{split}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{model_name} on {dataset} {split} ({res['n']} images, {size}px): top-1 {res['top1']:.2f}%  "
+          f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
+    print(f"confusion matrix: {png}")
+    return summary

@@ -1,0 +1,509 @@
+"""Train any registered model on an image classification data set, on one CPU or under torchrun.
+
+    from formers.train import TrainConfig, train
+    summary = train(TrainConfig("swin_demo", dataset="digits", epochs=40, batch_size=32, lr=2e-3,
+                                 img_size=16, out="runs/demo"))
+
+One step: take the global batch the sampler names for (epoch, position), keep this
+process's slice, augment it with the step's own generator, run `accum` micro-batches
+(gradients synchronised on the last), clip, AdamW, schedule, EMA. Every `save_every`
+steps and at each epoch's end the whole state goes to a checkpoint (see state.py);
+`resume=True` continues from the newest one and, with the same seed, ends with the same
+weights, bit for bit, as a run that was never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import formers
+from formers.checkpoint import save_checkpoint
+
+from .common import TrainingDiverged, autocast, check_model, default_img_size, weights_metadata
+from .distributed import DistContext, setup, teardown
+from .evaluate import evaluate
+from .optim import ModelEma, WarmupCosine, build_optimizer
+from .report import MetricsLog, Progress, plot_curves
+from .state import (atomic_replace, capture_rng, clean_temp, find_latest, load_optimizer, load_train_state,
+                    optimizer_tensors, restore_rng, save_train_state)
+
+__all__ = ["TrainConfig", "train", "RESUME_FREE"]
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str = "digits"
+    data: str | None = None              # --data-dir / --data: a directory or file, by dataset
+    epochs: int = 10
+    batch_size: int = 128                # global: split across processes and accumulation steps
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None
+    accum: int = 1
+    ema: bool = False
+    ema_decay: float = 0.998
+    precision: str = "fp32"              # fp32 | bf16 (autocast; weights stay fp32)
+    img_size: int | None = None          # None: the data's size rounded up to what the model takes
+    in_chans: int | None = None          # None: the data's channels (a grayscale set builds in_chans=1)
+    model_kwargs: dict = field(default_factory=dict)
+    augment: str = "auto"                # auto | none | crop | crop-flip
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    # the settings below do not change what is learned: a resumed run may change them
+    out: str = "runs/train"
+    save_every: int = 200                # steps between checkpoints (0: at epoch ends only)
+    keep: int = 2                        # checkpoints kept
+    eval_batch_size: int = 256
+    device: str | None = None
+    progress: bool = True
+
+
+RESUME_FREE = {"epochs", "out", "save_every", "keep", "eval_batch_size", "device", "progress"}
+_RESERVED_KWARGS = {"num_classes": "the data set's classes", "in_chans": "--in-chans", "img_size": "--img-size"}
+
+
+def _log(ctx: DistContext, *msg):
+    if ctx.is_main:
+        print(*msg, flush=True)
+
+
+def _seed_all(seed: int):
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _validate(cfg: TrainConfig):
+    from formers.data import AUGMENTS, DATASETS
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    formers.registry.model_entry(cfg.model)    # unknown model: a clear error with suggestions
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad must be positive, got {cfg.clip_grad}"),
+        (cfg.accum >= 1, f"--accum must be at least 1, got {cfg.accum}"),
+        (0 < cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}"),
+        (cfg.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {cfg.precision!r}"),
+        (cfg.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}"),
+        (cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}"),
+        (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
+        (cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}"),
+        (cfg.in_chans is None or cfg.in_chans >= 1, f"--in-chans must be positive, got {cfg.in_chans}"),
+        (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),
+        (cfg.limit_test is None or cfg.limit_test >= 1, f"--limit-test must be positive, got {cfg.limit_test}"),
+        (isinstance(cfg.model_kwargs, dict), f"--model-kwargs must be a JSON object, got {cfg.model_kwargs!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    for k, what in _RESERVED_KWARGS.items():
+        if k in cfg.model_kwargs:
+            raise ValueError(f"--model-kwargs may not set {k!r}; it comes from {what}")
+
+
+def _merge_resumed(cfg: TrainConfig, saved: dict, explicit: set | None) -> TrainConfig:
+    """The saved run's settings, with the free ones (epochs, out, ...) taken from `cfg` where given.
+    A setting that changes what is learned and differs from the saved run is an error."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = names if explicit is None else (set(explicit) & names)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
+             for k in sorted(given - RESUME_FREE) if k in saved and saved[k] != getattr(cfg, k)]
+    if diffs:
+        raise ValueError("--resume with settings that differ from the checkpoint's run (" + "; ".join(diffs)
+                         + "); drop them or start a new --out")
+    merged = {k: saved[k] for k in names if k in saved}
+    merged.update({k: getattr(cfg, k) for k in given & RESUME_FREE})
+    return TrainConfig(**merged)
+
+
+def _params_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(cfg: TrainConfig, resume: bool | str = False, explicit: set | None = None) -> dict:
+    """Run (or continue, with `resume`) one training run; returns the summary written to summary.json.
+
+    `resume`: True continues from the newest checkpoint in OUT/checkpoints (starting fresh if there is
+    none), a path continues from that checkpoint's JSON. `explicit`: the config fields the user set
+    (the CLI passes them so that a resumed run takes the rest from its checkpoint)."""
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data) if cfg.data else None,
+                              model_kwargs=dict(cfg.model_kwargs or {}))
+    state = None
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    if resume:
+        json_path = resume if isinstance(resume, str) else find_latest(ckpt_dir)
+        if json_path is not None:
+            state = load_train_state(json_path)
+            cfg = _merge_resumed(cfg, state[0]["config"], explicit)
+    _validate(cfg)
+    run = _Run(cfg, state, resume_asked=bool(resume))
+    ctx = setup(cfg.device)
+    run.ctx = ctx
+    try:
+        summary = run.run()
+    except BaseException:
+        if ctx.initialized_here:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        raise
+    teardown(ctx)
+    return summary
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, state, resume_asked: bool):
+        self.cfg = cfg
+        self.state = state
+        self.resume_asked = resume_asked
+        self.ctx: DistContext | None = None
+        self.t_start = time.perf_counter()
+        self.last_plot = -float("inf")
+        self._prepare_data()
+
+    # ------------------------------------------------------------ setup
+
+    def _prepare_data(self):
+        from formers.data import BatchTransform, channel_stats, load_dataset
+        cfg = self.cfg
+        data = load_dataset(cfg.dataset, cfg.data, img_size=cfg.img_size,
+                            limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+        self.in_chans = cfg.in_chans or data.channels
+        if data.channels not in (1, self.in_chans):
+            raise ValueError(f"{data.name} images have {data.channels} channels; --in-chans {self.in_chans} "
+                             f"cannot take them (use --in-chans {data.channels})")
+        size = cfg.img_size or default_img_size(cfg.model, data.size, self.in_chans, data.num_classes,
+                                                cfg.model_kwargs)
+        self.img_size = size
+        check_model(cfg.model, data.num_classes, self.in_chans, size, cfg.model_kwargs)
+        # the checkpoints record the sizes actually used, so a resumed run never re-derives them
+        self.cfg = cfg = dataclasses.replace(cfg, img_size=size, in_chans=self.in_chans)
+        self.data = data.resized(size)
+        self.mean, self.std = channel_stats(self.data.x_train)
+        aug = cfg.augment
+        pad = max(1, size // 8) if aug in ("auto", "crop", "crop-flip") else 0
+        flip = data.hflip if aug == "auto" else aug == "crop-flip"
+        self.train_tf = BatchTransform(self.mean, self.std, self.in_chans, crop_pad=pad, hflip=flip)
+        self.test_tf = BatchTransform(self.mean, self.std, self.in_chans)
+
+    def _build(self):
+        from formers.data import EpochSampler
+        cfg, ctx = self.cfg, self.ctx
+        per_step = ctx.world_size * cfg.accum
+        if cfg.batch_size % per_step:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum "
+                             f"= {ctx.world_size} x {cfg.accum} = {per_step}")
+        self.micro = cfg.batch_size // per_step
+        self.sampler = EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed)
+        self.steps_per_epoch = len(self.sampler)
+        _seed_all(cfg.seed)
+        self.model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
+                                          img_size=self.img_size, **cfg.model_kwargs).to(ctx.device)
+        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.scheduler = WarmupCosine(self.optimizer, cfg.epochs * self.steps_per_epoch,
+                                      round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr_ratio)
+        # dropout / drop-path draws differ between processes (the data slices do too)
+        _seed_all(cfg.seed * 1000 + 17 + ctx.rank)
+        if ctx.device.type == "cuda":
+            self.data.x_train, self.data.y_train = self.data.x_train.to(ctx.device), self.data.y_train.to(ctx.device)
+            self.data.x_test, self.data.y_test = self.data.x_test.to(ctx.device), self.data.y_test.to(ctx.device)
+        self.progress = dict(epoch=0, position=0, step=0, best_acc=-1.0, best_epoch=0, best_weights=None,
+                             elapsed=0.0, train_time=0.0, train_images=0, last_eval=None,
+                             ep_loss=0.0, ep_correct=0, ep_seen=0, ep_time=0.0)
+
+    def _restore(self, meta: dict, tensors: dict):
+        cfg, ctx = self.cfg, self.ctx
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        self.model.load_state_dict(model_sd, strict=True)
+        if self.ema is not None:
+            ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+            if not ema_sd:
+                raise ValueError("--ema was given but the checkpoint's run had no EMA")
+            self.ema.module.load_state_dict(ema_sd, strict=True)
+            self.ema.num_updates = int(meta["ema"]["num_updates"])
+        load_optimizer(self.optimizer, tensors, meta["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.progress.update(meta["progress"])
+        if meta["progress"]["epoch"] < cfg.epochs and self.scheduler.total != meta["scheduler"]["total"]:
+            _log(ctx, f"note: --epochs changed to {cfg.epochs}; the learning-rate schedule is stretched to match")
+        rank_rng = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng/{ctx.rank}/")}
+        if meta["world_size"] == ctx.world_size and rank_rng:
+            restore_rng(rank_rng, meta["rng"][str(ctx.rank)])
+        else:
+            _log(ctx, f"note: the checkpoint was written by {meta['world_size']} process(es), this run has "
+                      f"{ctx.world_size}: same data order, but dropout draws (and float sums) differ")
+            _seed_all(cfg.seed * 1000 + 17 + ctx.rank + 7919 * self.progress["step"])
+
+    # ------------------------------------------------------------ checkpoints and outputs
+
+    def _save_state(self):
+        ctx = self.ctx
+        rng_t, rng_s = capture_rng()
+        everyone = ctx.gather_objects((rng_t, rng_s))
+        if not ctx.is_main:
+            return
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        opt_t, opt_meta = optimizer_tensors(self.optimizer)
+        tensors.update(opt_t)
+        rng_meta = {}
+        for r, (t, s) in enumerate(everyone):
+            tensors.update({f"rng/{r}/{k}": v for k, v in t.items()})
+            rng_meta[str(r)] = s
+        self.progress["elapsed"] = self._elapsed()
+        meta = {
+            "config": dataclasses.asdict(self.cfg),
+            "world_size": ctx.world_size,
+            "img_size": self.img_size, "in_chans": self.in_chans,
+            "progress": dict(self.progress),
+            "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "ema": {"num_updates": self.ema.num_updates} if self.ema is not None else None,
+            "rng": rng_meta,
+        }
+        save_train_state(self.ckpt_dir, self.progress["step"], tensors, meta, keep=self.cfg.keep)
+
+    def _save_weights(self, module, name: str, which: str, epoch: int, acc: float | None):
+        meta = weights_metadata(
+            img_size=self.img_size, in_chans=self.in_chans, model_kwargs=self.cfg.model_kwargs,
+            mean=self.mean, std=self.std, dataset=self.cfg.dataset, classes=self.data.classes,
+            weights=which, epoch=epoch, test_acc=acc, step=self.progress["step"])
+        path = os.path.join(self.cfg.out, name)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_checkpoint(module, tmp, metadata=meta)
+        atomic_replace(tmp, path)
+        return path
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        self.ckpt_dir = os.path.join(cfg.out, "checkpoints")
+        self._build()
+        if ctx.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            clean_temp(self.ckpt_dir)
+            clean_temp(cfg.out)
+        self.metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
+        self.elapsed_before = 0.0
+        if self.state is not None:
+            meta, tensors = self.state
+            self._restore(meta, tensors)
+            self.state = None
+            self.elapsed_before = self.progress["elapsed"]
+            rows = self.metrics.truncate_after(self.progress["step"]) if ctx.is_main else []
+            _log(ctx, f"resumed from step {self.progress['step']} (epoch {self.progress['epoch'] + 1}, "
+                      f"batch {self.progress['position']} of {self.steps_per_epoch}) in {self.ckpt_dir}")
+        else:
+            rows = []
+            if ctx.is_main:
+                old = find_latest(self.ckpt_dir)
+                if self.resume_asked:
+                    print(f"note: no checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
+                elif old is not None:
+                    print(f"note: {cfg.out} held an earlier run; starting a new one (use --resume to continue)",
+                          flush=True)
+                for p in os.listdir(self.ckpt_dir):
+                    if p.startswith("step-"):
+                        os.remove(os.path.join(self.ckpt_dir, p))
+                self.metrics.reset()
+        self.rows = rows
+        nparams = sum(p.numel() for p in self.model.parameters())
+        _log(ctx, f"{cfg.model} ({nparams / 1e6:.2f}M params, {self.in_chans}x{self.img_size}x{self.img_size}) on "
+                  f"{self.data.describe()}; {cfg.epochs} epochs x {self.steps_per_epoch} steps of {cfg.batch_size}"
+                  + (f" ({ctx.world_size} processes x {cfg.accum} x {self.micro})"
+                     if ctx.world_size > 1 or cfg.accum > 1 else "")
+                  + f", {ctx.device.type}, {cfg.precision}")
+
+        raw = self.model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # a conv over one input channel may get its weight gradient in another (equivalent) stride
+            # order than DDP's bucket; DDP copies it and warns once per process: harmless here
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.model = DDP(raw, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        try:
+            while self.progress["epoch"] < cfg.epochs:
+                self._train_epoch(raw)
+        except KeyboardInterrupt:
+            _log(ctx, f"\ninterrupted at step {self.progress['step']}; continue with --resume "
+                      f"(from the last checkpoint in {self.ckpt_dir})")
+            raise
+        return self._finish(raw)
+
+    def _train_epoch(self, raw):
+        from formers.data import BatchTransform, shard_slice, step_generator
+        cfg, ctx, pr = self.cfg, self.ctx, self.progress
+        epoch, B = pr["epoch"], cfg.batch_size
+        data, dev = self.data, ctx.device
+        mine = shard_slice(B, ctx.rank, ctx.world_size)
+        bar = Progress(self.steps_per_epoch, pr["position"], f"epoch {epoch + 1}/{cfg.epochs}",
+                       ctx.is_main and cfg.progress)
+        ddp = ctx.distributed
+        self.model.train()
+        for pos, batch in self.sampler.batches(epoch, pr["position"]):
+            t0 = time.perf_counter()
+            params = self.train_tf.draw(B, step_generator(cfg.seed, epoch, pos)) if self.train_tf.augments else None
+            idx = batch[mine].to(dev)
+            params = BatchTransform.slice_params(params, mine)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), dtype=torch.long, device=dev)
+            for m in range(cfg.accum):
+                sl = slice(m * self.micro, (m + 1) * self.micro)
+                xb = self.train_tf(data.x_train[idx[sl]], BatchTransform.slice_params(params, sl))
+                yb = data.y_train[idx[sl]]
+                sync = m == cfg.accum - 1 or not ddp
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    with autocast(dev, cfg.precision):
+                        logits = self.model(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                    (loss / cfg.accum).backward()
+                loss_sum += loss.detach() * len(yb)
+                correct += (logits.detach().argmax(1) == yb).sum()
+            seen = self.micro * cfg.accum
+            step_loss = float(loss_sum) / seen
+            if not torch.isfinite(torch.tensor(step_loss)):
+                raise TrainingDiverged(f"the loss became {step_loss} at step {pr['step'] + 1}; lower --lr, "
+                                       "or use --clip-grad / --precision fp32")
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(raw)
+            dt = time.perf_counter() - t0
+            pr["step"] += 1
+            pr["position"] = pos + 1
+            pr["ep_loss"] += float(loss_sum)
+            pr["ep_correct"] += int(correct)
+            pr["ep_seen"] += seen
+            pr["ep_time"] += dt
+            pr["train_time"] += dt
+            pr["train_images"] += B
+            if ctx.is_main:
+                row = {"kind": "step", "step": pr["step"], "epoch": epoch + (pos + 1) / self.steps_per_epoch,
+                       "loss": step_loss, "acc": 100.0 * int(correct) / seen, "lr": lr}
+                self.metrics.write(row)
+                self.rows.append(row)
+                bar.update(loss=f"{pr['ep_loss'] / pr['ep_seen']:.4f}",
+                           acc=f"{100.0 * pr['ep_correct'] / pr['ep_seen']:.1f}%",
+                           **{"img/s": f"{B * (pos + 1) / max(pr['ep_time'], 1e-9):.0f}"})
+            if cfg.save_every and pr["step"] % cfg.save_every == 0 and pos + 1 < self.steps_per_epoch:
+                self._save_state()
+        bar.close()
+        self._end_epoch(raw)
+
+    def _end_epoch(self, raw):
+        cfg, ctx, pr = self.cfg, self.ctx, self.progress
+        epoch = pr["epoch"]
+        sums = ctx.all_reduce_sum(torch.tensor([pr["ep_loss"], pr["ep_correct"], pr["ep_seen"]],
+                                               dtype=torch.float64))
+        train_loss, train_acc = float(sums[0] / sums[2]), float(100.0 * sums[1] / sums[2])
+        imgs_per_s = self.steps_per_epoch * cfg.batch_size / max(pr["ep_time"], 1e-9)
+        res = evaluate(raw, self.data.x_test, self.data.y_test, self.test_tf, self.data.num_classes,
+                       cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
+        row = {"kind": "epoch", "step": pr["step"], "epoch": epoch + 1, "train_loss": train_loss,
+               "train_acc": train_acc, "test_loss": res["loss"], "test_acc": res["top1"], "test_top5": res["top5"],
+               "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": imgs_per_s, "epoch_time": pr["ep_time"]}
+        candidates = [("model", raw, res["top1"])]
+        if self.ema is not None:
+            ema_res = evaluate(self.ema.module, self.data.x_test, self.data.y_test, self.test_tf,
+                               self.data.num_classes, cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
+            row.update(ema_test_acc=ema_res["top1"], ema_test_loss=ema_res["loss"])
+            candidates.append(("ema", self.ema.module, ema_res["top1"]))
+        which, module, acc = max(candidates, key=lambda c: c[2])
+        improved = acc > pr["best_acc"]
+        pr.update(last_eval={k: row[k] for k in row if k.startswith(("test", "ema", "train"))})
+        if improved:
+            pr.update(best_acc=acc, best_epoch=epoch + 1, best_weights=which)
+        if ctx.is_main:
+            self.metrics.write(row)
+            self.rows.append(row)
+            ema_txt = f" ema {row['ema_test_acc']:.2f}%" if "ema_test_acc" in row else ""
+            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
+                  f"test loss {res['loss']:.4f} acc {res['top1']:5.2f}%{ema_txt}  (best {pr['best_acc']:.2f}%)  "
+                  f"{imgs_per_s:,.0f} img/s  {pr['ep_time']:.1f}s", flush=True)
+            if improved:
+                self._save_weights(module, "best.safetensors", which, epoch + 1, acc)
+            # redrawn at most every 15 s (a plot costs ~0.3 s of CPU) and always after the last epoch
+            if epoch + 1 == cfg.epochs or time.perf_counter() - self.last_plot >= 15.0:
+                plot_curves(self.rows, os.path.join(cfg.out, "curves.png"), title=f"{cfg.model} on {cfg.dataset}")
+                self.last_plot = time.perf_counter()
+        pr.update(epoch=epoch + 1, position=0, ep_loss=0.0, ep_correct=0, ep_seen=0, ep_time=0.0)
+        self._save_state()
+
+    def _finish(self, raw) -> dict:
+        cfg, ctx, pr = self.cfg, self.ctx, self.progress
+        digests = ctx.gather_objects(_params_digest(raw))
+        summary = None
+        if ctx.is_main:
+            out = cfg.out
+            files = {"final": self._save_weights(raw, "final.safetensors", "model", pr["epoch"],
+                                                 (pr["last_eval"] or {}).get("test_acc"))}
+            if self.ema is not None:
+                files["final_ema"] = self._save_weights(self.ema.module, "final_ema.safetensors", "ema",
+                                                        pr["epoch"], (pr["last_eval"] or {}).get("ema_test_acc"))
+            files.update(best=os.path.join(out, "best.safetensors"), curves=os.path.join(out, "curves.png"),
+                         metrics=os.path.join(out, "metrics.jsonl"),
+                         checkpoint=find_latest(self.ckpt_dir))
+            last = pr["last_eval"] or {}
+            summary = {
+                "model": cfg.model, "dataset": cfg.dataset, "data": self.data.source,
+                "train_images": len(self.data.y_train), "test_images": len(self.data.y_test),
+                "classes": self.data.classes, "img_size": self.img_size, "in_chans": self.in_chans,
+                "params_m": sum(p.numel() for p in raw.parameters()) / 1e6,
+                "epochs": pr["epoch"], "steps": pr["step"], "batch_size": cfg.batch_size,
+                "best_test_acc": pr["best_acc"], "best_epoch": pr["best_epoch"], "best_weights": pr["best_weights"],
+                "final_test_acc": last.get("test_acc"), "final_test_top5": last.get("test_top5"),
+                "final_test_loss": last.get("test_loss"), "final_ema_test_acc": last.get("ema_test_acc"),
+                "train_img_per_s": pr["train_images"] / max(pr["train_time"], 1e-9),
+                "train_time_s": pr["train_time"], "wall_time_s": self._elapsed(),
+                "world_size": ctx.world_size, "device": str(ctx.device), "threads": torch.get_num_threads(),
+                "param_digests": digests, "files": files, "config": dataclasses.asdict(cfg),
+            }
+            with open(os.path.join(out, "summary.json.tmp"), "w") as f:
+                json.dump(summary, f, indent=1)
+            atomic_replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+            print(f"done: best test accuracy {pr['best_acc']:.2f}% (epoch {pr['best_epoch']}, "
+                  f"{pr['best_weights']} weights), {summary['train_img_per_s']:,.0f} img/s, "
+                  f"{summary['wall_time_s']:.0f}s", flush=True)
+            print(f"  curves:      {files['curves']}", flush=True)
+            print(f"  best:        {files['best']}", flush=True)
+            print(f"  final:       {files['final']}", flush=True)
+            print(f"  checkpoint:  {files['checkpoint']}  (continue with --resume)", flush=True)
+            print(f"  summary:     {os.path.join(out, 'summary.json')}", flush=True)
+            if ctx.distributed and len(set(digests)) != 1:
+                warnings.warn("the processes ended with different weights", stacklevel=1)
+        return summary
