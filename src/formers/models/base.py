@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from formers.layers import check_image_input
+from formers.layers import check_image_input, feature_take_indices
 
-__all__ = ["Backbone"]
+__all__ = ["Backbone", "ChannelsLastPyramid", "init_trunc_normal"]
 
 
 class Backbone(nn.Module):
@@ -20,10 +20,12 @@ class Backbone(nn.Module):
     in_chans: int = 3
     global_pool: str = "avg"
     input_divisor: int = 1      # H and W must be multiples of this (1: any size)
+    min_input_size: int = 1     # ... and at least this
     fixed_input_size = None     # (H, W) when the architecture takes one size only
 
     def check_input(self, x):
-        return check_image_input(self, x, divisor=self.input_divisor, fixed_size=self.fixed_input_size)
+        return check_image_input(self, x, divisor=self.input_divisor, min_size=self.min_input_size,
+                                 fixed_size=self.fixed_input_size)
 
     @property
     def head_hidden_size(self) -> int:
@@ -50,3 +52,72 @@ class Backbone(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def init_trunc_normal(m: nn.Module):
+    """The ViT/Swin init: truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class ChannelsLastPyramid(Backbone):
+    """The forward paths of a pyramid of stages on channels-last (B, H, W, C) maps with a final
+    LayerNorm and an average-pooled linear head (Swin and the models that grew from it).
+
+    A subclass builds `patch_embed`, the stages (in `self.stages`, or names them by overriding
+    `feature_stages`), `norm`, `head_drop` and `head`; `stem` may add dropout after the embedding.
+    forward_features returns the normalised NHWC map, as timm's Swin does.
+    """
+
+    output_fmt = "NHWC"
+
+    @property
+    def feature_stages(self) -> nn.ModuleList:
+        return self.stages
+
+    def stem(self, x):
+        return self.patch_embed(x)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.feature_stages:
+            stage.grad_checkpointing = enable
+
+    def forward_features(self, x):
+        self.check_input(x)
+        x = self.stem(x)
+        for stage in self.feature_stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        if output_fmt not in ("NCHW", "NHWC"):
+            name = getattr(self, "model_name", type(self).__name__)
+            raise ValueError(f"{name}: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self.check_input(x)
+        all_stages = self.feature_stages
+        take, last = feature_take_indices(len(all_stages), indices)
+        stages = all_stages[:last + 1] if stop_early or intermediates_only else all_stages
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == len(all_stages) - 1 else x
+                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return feats
+        if len(stages) == len(all_stages):
+            x = self.norm(x)
+        return x, feats

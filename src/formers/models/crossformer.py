@@ -30,12 +30,11 @@ from torch.utils.checkpoint import checkpoint
 from formers.checkpoint import _adapt_first_conv
 from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
-from formers.layers.helpers import check_image_input, feature_take_indices
 from formers.layers.mlp import Mlp
 from formers.layers.windows import relative_position_bias, relative_position_index
 from formers.registry import ModelCard, register_model
 
-from .base import Backbone
+from .base import ChannelsLastPyramid, init_trunc_normal
 
 __all__ = ["CrossFormer", "checkpoint_filter_fn"]
 
@@ -240,12 +239,10 @@ def _per_stage(value, n: int, what: str) -> list:
     return values
 
 
-class CrossFormer(Backbone):
+class CrossFormer(ChannelsLastPyramid):
     """CrossFormer (v1: `lda_regions=False`, no ACL) and CrossFormer++ (`lda_regions=True`,
     `use_acl=True`, per-stage group sizes and intervals); forward_features returns a channels-last
     (B, H, W, C) map, as timm's Swin does."""
-
-    output_fmt = "NHWC"
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), patch_kernels=(4, 8, 16, 32), patch_stride: int = 4,
@@ -278,58 +275,12 @@ class CrossFormer(Backbone):
         self.feature_info = [dict(num_chs=d, reduction=patch_stride * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(dims)]
         self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Identity()  # the official head has no dropout
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_trunc_normal)
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def check_input(self, x):
-        return check_image_input(self, x, min_size=self.min_input_size)
-
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def forward_features(self, x):
-        self.check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"{getattr(self, 'model_name', 'CrossFormer')}: output_fmt must be 'NCHW' or 'NHWC', "
-                             f"got {output_fmt!r}")
-        self.check_input(x)
-        take, last = feature_take_indices(len(self.stages), indices)
-        x = self.pos_drop(self.patch_embed(x))
-        feats = []
-        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return feats
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, feats
+    def stem(self, x):
+        return self.pos_drop(self.patch_embed(x))
 
 
 _DROPPED = ("attn.biases", "attn.relative_position_index", "attn_mask")

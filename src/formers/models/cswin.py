@@ -24,12 +24,11 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
-from formers.layers.helpers import check_image_input, feature_take_indices
 from formers.layers.mlp import Mlp
 from formers.layers.patch_embed import PatchEmbed
 from formers.registry import ModelCard, register_model
 
-from .base import Backbone
+from .base import ChannelsLastPyramid, init_trunc_normal
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
@@ -162,7 +161,7 @@ class CSWinStage(nn.Module):
         return x
 
 
-class CSWinTransformer(Backbone):
+class CSWinTransformer(ChannelsLastPyramid):
     """CSWin Transformer; forward_features returns a channels-last (B, H, W, C) map, as timm's Swin.
 
     `split_size[i]` is the stripe width of stage i; the last stage attends over the whole map.
@@ -172,7 +171,7 @@ class CSWinTransformer(Backbone):
     as in the official segmentation backbone, the branch layout never depends on the image size.
     """
 
-    output_fmt = "NHWC"
+    min_input_size = 3  # the 7x7 stride-4 stem (padding 2) needs 3 pixels a side; anything larger works
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
                  depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7), mlp_ratio: float = 4.0,
@@ -200,59 +199,7 @@ class CSWinTransformer(Backbone):
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def check_input(self, x):
-        # the 7x7 stride-4 stem (padding 2) needs at least 3 pixels a side; anything larger works
-        return check_image_input(self, x, min_size=3)
-
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def forward_features(self, x):
-        self.check_input(x)
-        x = self.patch_embed(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"{getattr(self, 'model_name', 'CSWinTransformer')}: output_fmt must be 'NCHW' or "
-                             f"'NHWC', got {output_fmt!r}")
-        self.check_input(x)
-        take, last = feature_take_indices(len(self.stages), indices)
-        x = self.patch_embed(x)
-        feats = []
-        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return feats
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, feats
+        self.apply(init_trunc_normal)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: CSWinTransformer) -> dict:

@@ -19,12 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, feature_take_indices, relative_position_bias,
+from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, relative_position_bias,
                             relative_position_index, sdpa, window_attention_mask, window_partition,
                             window_region_ids, window_reverse)
 from formers.registry import ModelCard, register_model
 
-from .base import Backbone
+from .base import ChannelsLastPyramid, init_trunc_normal
 
 __all__ = ["SwinTransformer", "checkpoint_filter_fn"]
 
@@ -144,10 +144,8 @@ class SwinStage(nn.Module):
         return x
 
 
-class SwinTransformer(Backbone):
+class SwinTransformer(ChannelsLastPyramid):
     """Swin Transformer; forward_features returns a channels-last (B, H, W, C) map, as in timm."""
-
-    output_fmt = "NHWC"
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
@@ -176,55 +174,14 @@ class SwinTransformer(Backbone):
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_trunc_normal)
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    @property
+    def feature_stages(self):
+        return self.layers  # named `layers` in the official and timm checkpoints
 
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    def forward_features(self, x):
-        self.check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
-        for stage in self.layers:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"{self.model_name if hasattr(self, 'model_name') else 'swin'}: output_fmt must be "
-                             f"'NCHW' or 'NHWC', got {output_fmt!r}")
-        self.check_input(x)
-        take, last = feature_take_indices(len(self.layers), indices)
-        x = self.pos_drop(self.patch_embed(x))
-        feats = []
-        stages = self.layers[:last + 1] if stop_early or intermediates_only else self.layers
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
-                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return feats
-        if len(stages) == len(self.layers):
-            x = self.norm(x)
-        return x, feats
+    def stem(self, x):
+        return self.pos_drop(self.patch_embed(x))
 
 
 def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
