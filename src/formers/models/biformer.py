@@ -32,7 +32,7 @@ from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices, to_2tuple
 from formers.layers.mlp import Mlp
 from formers.layers.windows import window_partition, window_reverse
-from formers.models.base import Backbone
+from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "checkpoint_filter_fn"]
@@ -242,18 +242,8 @@ class BiFormer(Backbone):
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_trunc_normal)  # as the official code; convs keep torch's init
 
-    @staticmethod
-    def _init_weights(m):
-        # as the official code: truncated-normal Linear weights, zero biases; convs keep torch's init
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 
 from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, feature_take_indices, resample_pos_embed,
                             sdpa, to_2tuple)
-from formers.models.base import Backbone
+from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "checkpoint_filter_fn"]
@@ -185,14 +185,7 @@ class PyramidVisionTransformer(Backbone):
             nn.init.trunc_normal_(stage.pos_embed, std=0.02)
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def no_weight_decay(self) -> set[str]:
         # The official training excludes only the cls token (plus, through timm's optimizer

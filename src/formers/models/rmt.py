@@ -39,7 +39,7 @@ from formers.layers.helpers import feature_take_indices, to_2tuple
 from formers.layers.retention import (apply_rotary, decay_mask_1d, manhattan_decay_mask, retention_log_decay,
                                       rotary_angles, rotary_sin_cos)
 from formers.layers.scale import Scale
-from formers.models.base import Backbone
+from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["RMT", "ManhattanSelfAttention", "SpatialDecay", "manhattan_attention", "decomposed_manhattan_attention",
@@ -316,14 +316,7 @@ class RMT(Backbone):
     def init_weights(self):
         """As the official code: trunc-normal(0.02) Linears with zero bias (applied last, so it also
         overrides the attention's xavier init there), unit LayerNorms, torch defaults for convs/BN."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable

@@ -32,7 +32,7 @@ from formers.layers.helpers import feature_take_indices
 from formers.layers.mlp import ConvMlp, Mlp
 from formers.layers.patch_embed import PatchEmbed
 from formers.layers.scale import Scale
-from formers.models.base import Backbone
+from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["UniFormer", "UniFormerLight", "CBlock", "SABlock", "EvoSABlock", "checkpoint_filter_fn"]
@@ -301,7 +301,7 @@ class UniFormer(Backbone):
             prev = dim
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_trunc_normal)  # as the official code; convs keep torch's init
 
     def _make_patch_embed(self, i: int, in_chans: int, dim: int) -> nn.Module:
         if self.conv_stem:
@@ -314,16 +314,6 @@ class UniFormer(Backbone):
             return CBlock(dim, mlp_ratio, drop, drop_path, layer_scale_init_value if layer_scale_conv else None)
         return SABlock(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, layer_scale_init_value)
 
-    @staticmethod
-    def _init_weights(m):
-        # as the official code: truncated-normal Linears, unit LayerNorms; convs keep torch's default init
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
         # The official recipe (DeiT's) decays every weight tensor of 2+ dims, the position convs included,
@@ -410,7 +400,7 @@ class UniFormerLight(UniFormer):
         self.norm_cls = nn.LayerNorm(embed_dims[3])
         self.head_cls = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
         for m in (self.cls_upsample, self.norm_cls, self.head_cls):
-            m.apply(self._init_weights)
+            m.apply(init_trunc_normal)
         self.cls_head_training = False
 
     def _make_patch_embed(self, i: int, in_chans: int, dim: int) -> nn.Module:
