@@ -8,10 +8,11 @@ exclusions) comes from here.
 from __future__ import annotations
 
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from formers.layers import check_image_input, feature_take_indices
 
-__all__ = ["Backbone", "ChannelsLastPyramid", "init_trunc_normal"]
+__all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "init_trunc_normal"]
 
 
 class Backbone(nn.Module):
@@ -121,3 +122,16 @@ class ChannelsLastPyramid(Backbone):
         if len(stages) == len(all_stages):
             x = self.norm(x)
         return x, feats
+
+
+class Stage(nn.Module):
+    """One pyramid stage: `downsample` (nn.Identity in the first), then `blocks`, each block run
+    under activation checkpointing when `grad_checkpointing` is set. Subclasses build the two."""
+
+    grad_checkpointing = False
+
+    def forward(self, x):
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
+        return x

@@ -25,7 +25,6 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from formers.checkpoint import _adapt_first_conv
 from formers.layers.attention import sdpa
@@ -34,7 +33,7 @@ from formers.layers.mlp import Mlp
 from formers.layers.windows import relative_position_bias, relative_position_index
 from formers.registry import ModelCard, register_model
 
-from .base import ChannelsLastPyramid, init_trunc_normal
+from .base import ChannelsLastPyramid, Stage, init_trunc_normal
 
 __all__ = ["CrossFormer", "checkpoint_filter_fn"]
 
@@ -207,7 +206,7 @@ class CrossFormerBlock(nn.Module):
         return self.cooling(x)
 
 
-class CrossFormerStage(nn.Module):
+class CrossFormerStage(Stage):
     """Optional CEL merging (stride 2), then blocks alternating SDA (even) and LDA (odd); with
     `use_acl`, every third block but the last ends with activation cooling."""
 
@@ -223,13 +222,6 @@ class CrossFormerStage(nn.Module):
                              mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
                              drop_path=drop_path[i])
             for i in range(depth))
-        self.grad_checkpointing = False
-
-    def forward(self, x):
-        x = self.downsample(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
-        return x
 
 
 def _per_stage(value, n: int, what: str) -> list:

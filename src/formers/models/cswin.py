@@ -20,7 +20,6 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
@@ -28,7 +27,7 @@ from formers.layers.mlp import Mlp
 from formers.layers.patch_embed import PatchEmbed
 from formers.registry import ModelCard, register_model
 
-from .base import ChannelsLastPyramid, init_trunc_normal
+from .base import ChannelsLastPyramid, Stage, init_trunc_normal
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
@@ -142,7 +141,7 @@ class MergeBlock(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-class CSWinStage(nn.Module):
+class CSWinStage(Stage):
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, stripe_width: int, full: bool,
                  downsample: bool, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
                  drop_path: list[float], pad_mask: bool):
@@ -152,13 +151,6 @@ class CSWinStage(nn.Module):
             CSWinBlock(out_dim, num_heads, stripe_width, full, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i],
                        pad_mask)
             for i in range(depth))
-        self.grad_checkpointing = False
-
-    def forward(self, x):
-        x = self.downsample(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
-        return x
 
 
 class CSWinTransformer(ChannelsLastPyramid):

@@ -17,14 +17,13 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, relative_position_bias,
                             relative_position_index, sdpa, window_attention_mask, window_partition,
                             window_region_ids, window_reverse)
 from formers.registry import ModelCard, register_model
 
-from .base import ChannelsLastPyramid, init_trunc_normal
+from .base import ChannelsLastPyramid, Stage, init_trunc_normal
 
 __all__ = ["SwinTransformer", "checkpoint_filter_fn"]
 
@@ -124,7 +123,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class SwinStage(nn.Module):
+class SwinStage(Stage):
     """Optional patch merging, then blocks alternating plain and shifted windows."""
 
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, window_size: int, downsample: bool,
@@ -135,13 +134,6 @@ class SwinStage(nn.Module):
             SwinBlock(out_dim, num_heads, window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                       drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
             for i in range(depth))
-        self.grad_checkpointing = False
-
-    def forward(self, x):
-        x = self.downsample(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
-        return x
 
 
 class SwinTransformer(ChannelsLastPyramid):
