@@ -12,7 +12,7 @@ import sys
 
 # packages that add subcommands (module, attribute); each is optional so a missing extra
 # (e.g. matplotlib for training plots) only disables its own command
-_SUBCOMMANDS = ["formers.train.cli", "formers.bench.cli"]
+_SUBCOMMANDS = ["formers.train.cli", "formers.bench.cli", "formers.transforms.cli", "formers.lra.cli"]
 
 
 class UsageError(Exception):

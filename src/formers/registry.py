@@ -164,4 +164,25 @@ def list_papers() -> list[dict]:
     papers = {pid: dict(row, models=[]) for pid, row in paper_catalog().items()}
     for name, entry in sorted(_REGISTRY.items()):
         papers[entry.card.paper]["models"].append(name)
+    for pid, name in _paper_components():
+        papers[pid]["models"].append(name)
     return [papers[pid] for pid in sorted(papers)]
+
+
+def _paper_components() -> list[tuple[int, str]]:
+    """Papers implemented as something other than a registered model: a module of
+    formers.transforms or formers.attention that declares `PAPER = <catalog id>`."""
+    import importlib
+    import pkgutil
+    found = []
+    for pkg_name, prefix in (("formers.transforms", "transforms."), ("formers.attention", "attention.")):
+        pkg = importlib.import_module(pkg_name)
+        for m in pkgutil.iter_modules(pkg.__path__):
+            if m.name.startswith("_") or m.name in ("base", "cli"):
+                continue
+            mod = importlib.import_module(f"{pkg_name}.{m.name}")
+            pid = getattr(mod, "PAPER", None)
+            for one in (pid if isinstance(pid, (list, tuple)) else [pid]):
+                if one is not None:
+                    found.append((int(one), prefix + m.name))
+    return sorted(found)

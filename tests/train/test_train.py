@@ -110,6 +110,8 @@ BAD = {
     "batch larger than data": lambda t, tiny: ["train", tiny, "--batch-size", "4096", "--out", str(t / "o")],
     "negative lr": lambda t, tiny: ["train", tiny, "--lr", "-1"],
     "epochs not a number": lambda t, tiny: ["train", tiny, "--epochs", "ten"],
+    "unknown objective": lambda t, tiny: ["train", tiny, "--objective", "no_such_objective"],
+    "bad objective kwargs": lambda t, tiny: ["train", tiny, "--objective-kwargs", '{"nope": 1}'],
     "eval missing checkpoint": lambda t, tiny: ["eval", tiny, "--checkpoint", str(t / "none.safetensors")],
     "eval garbage checkpoint": lambda t, tiny: ["eval", tiny, "--checkpoint", _bad_npz(t)],
 }

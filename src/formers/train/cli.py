@@ -94,6 +94,10 @@ def add_parser(subparsers):
                    help="model input channels (default: the data's; grayscale is repeated for 3)")
     p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default=_S,
                    help="auto (default): padded random crop, plus flips where the data set allows them")
+    p.add_argument("--objective", default=_S, metavar="NAME",
+                   help="training objective (default ce; see formers.train.objectives: multires, matformer, ...)")
+    p.add_argument("--objective-kwargs", type=_json_object, default=_S, metavar="JSON",
+                   help="keyword arguments of the objective, e.g. '{\"sizes\": [16, 24, 32]}'")
     p.add_argument("--seed", type=int, default=_S, help="default 0")
     p.add_argument("--limit-train", type=_positive_int, default=_S, metavar="N",
                    help="use a fixed subset of N training images")

@@ -24,7 +24,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import formers
 from formers.checkpoint import save_checkpoint
@@ -32,6 +31,7 @@ from formers.checkpoint import save_checkpoint
 from .common import TrainingDiverged, autocast, check_model, default_img_size, weights_metadata
 from .distributed import DistContext, setup, teardown
 from .evaluate import evaluate
+from .objectives import build_objective
 from .optim import ModelEma, WarmupCosine, build_optimizer
 from .report import MetricsLog, Progress, plot_curves
 from .state import (atomic_replace, capture_rng, clean_temp, find_latest, load_optimizer, load_train_state,
@@ -60,6 +60,8 @@ class TrainConfig:
     img_size: int | None = None          # None: the data's size rounded up to what the model takes
     in_chans: int | None = None          # None: the data's channels (a grayscale set builds in_chans=1)
     model_kwargs: dict = field(default_factory=dict)
+    objective: str = "ce"                # see objectives.py: ce | multires | matformer | sparse ...
+    objective_kwargs: dict = field(default_factory=dict)
     augment: str = "auto"                # auto | none | crop | crop-flip
     seed: int = 0
     limit_train: int | None = None
@@ -113,10 +115,13 @@ def _validate(cfg: TrainConfig):
         (cfg.limit_train is None or cfg.limit_train >= 1, f"--limit-train must be positive, got {cfg.limit_train}"),
         (cfg.limit_test is None or cfg.limit_test >= 1, f"--limit-test must be positive, got {cfg.limit_test}"),
         (isinstance(cfg.model_kwargs, dict), f"--model-kwargs must be a JSON object, got {cfg.model_kwargs!r}"),
+        (isinstance(cfg.objective_kwargs, dict),
+         f"--objective-kwargs must be a JSON object, got {cfg.objective_kwargs!r}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)   # unknown name / bad kwargs
     for k, what in _RESERVED_KWARGS.items():
         if k in cfg.model_kwargs:
             raise ValueError(f"--model-kwargs may not set {k!r}; it comes from {what}")
@@ -222,8 +227,10 @@ class _Run:
         self.sampler = EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed)
         self.steps_per_epoch = len(self.sampler)
         _seed_all(cfg.seed)
-        self.model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
-                                          img_size=self.img_size, **cfg.model_kwargs).to(ctx.device)
+        self.objective = build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)
+        model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
+                                     img_size=self.img_size, **cfg.model_kwargs)
+        self.model = self.objective.prepare(model).to(ctx.device)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.scheduler = WarmupCosine(self.optimizer, cfg.epochs * self.steps_per_epoch,
@@ -386,8 +393,7 @@ class _Run:
                 sync = m == cfg.accum - 1 or not ddp
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     with autocast(dev, cfg.precision):
-                        logits = self.model(xb)
-                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                        loss, logits = self.objective(self.model, xb, yb, pr["step"])
                     (loss / cfg.accum).backward()
                 loss_sum += loss.detach() * len(yb)
                 correct += (logits.detach().argmax(1) == yb).sum()

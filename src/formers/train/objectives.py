@@ -1,0 +1,80 @@
+"""Training objectives: what one micro-batch's loss is, pluggable by name.
+
+The trainer asks its objective for `(loss, logits)` of each micro-batch, so a technique
+that trains differently (several input sizes at once, several nested sub-networks at
+once, an extra regulariser) is one class here or in its own module, not a fork of the
+trainer:
+
+    formers train resformer_tiny --objective multires --objective-kwargs '{"sizes": [16, 24, 32]}'
+
+An objective is built once per run from its keyword arguments, may change the model
+before the optimizer sees it (`prepare`), and is called inside autocast. Objectives
+that live beside their paper's code are found through `_PROVIDERS` (module imported on
+first use), so this file never imports them.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Objective", "register_objective", "build_objective", "list_objectives"]
+
+_OBJECTIVES: dict[str, type] = {}
+# name -> module that registers it when imported (kept here so `list_objectives` can name them)
+_PROVIDERS = {
+    "multires": "formers.train.multires",
+    "matformer": "formers.transforms.matformer",
+    "sparse": "formers.transforms.sparse",
+}
+
+
+def register_objective(cls):
+    """Class decorator: `@register_objective class MyObjective(Objective): name = "mine"`."""
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+class Objective:
+    """Plain cross-entropy with label smoothing: the default (`--objective ce`)."""
+    name = "ce"
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Called once on the freshly built model (before it moves to the device and before
+        the optimizer is made); return the model to train. Must be deterministic, so that a
+        resumed run rebuilds the same structure."""
+        return model
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
+        """Return (loss, logits) for one micro-batch; `step` counts optimizer steps from 0."""
+        logits = model(x)
+        return self.loss(logits, y), logits
+
+
+register_objective(Objective)
+
+
+def list_objectives() -> list[str]:
+    return sorted(set(_OBJECTIVES) | set(_PROVIDERS))
+
+
+def build_objective(name: str, kwargs: dict | None = None, label_smoothing: float = 0.0) -> Objective:
+    if name not in _OBJECTIVES and name in _PROVIDERS:
+        try:
+            importlib.import_module(_PROVIDERS[name])
+        except ImportError as e:
+            raise ValueError(f"--objective {name}: its module {_PROVIDERS[name]} cannot be imported ({e})") from None
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown --objective {name!r}; choose one of {', '.join(list_objectives())}")
+    cls = _OBJECTIVES[name]
+    try:
+        return cls(label_smoothing=label_smoothing, **(kwargs or {}))
+    except TypeError as e:
+        raise ValueError(f"--objective {name}: bad --objective-kwargs {kwargs!r} ({e})") from None
