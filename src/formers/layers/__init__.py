@@ -9,5 +9,6 @@ from .norms import ChannelLayerNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed
 from .scale import Scale
+from .transformer_block import TransformerBlock
 from .windows import (relative_position_bias, relative_position_index, window_attention_mask,
                       window_partition, window_region_ids, window_reverse)
