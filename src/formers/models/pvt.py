@@ -64,7 +64,7 @@ class SpatialReductionAttention(nn.Module):
         kv = self.kv(kv_in).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, heads, M, head_dim), M = (H/R)*(W/R)
         x = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(b, n, c)
+        x = x.transpose(1, 2).reshape(b, n, -1)  # heads * head_dim (less than c once heads are pruned)
         return self.proj_drop(self.proj(x))
 
 

@@ -58,7 +58,7 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.reshape(3, *groups, n, self.head_dim).unbind(0)
         x = sdpa(q, k, v, bias.to(q.dtype), self.attn_drop if self.training else 0.0)
-        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, c)
+        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, -1)
         return self.proj_drop(self.proj(x))
 
 
