@@ -101,7 +101,11 @@ def test_contract_shapes(name):
     last2 = model.forward_intermediates(x, indices=[-1, -2], intermediates_only=True)
     assert [t.shape for t in last2] == [feats[-2].shape, feats[-1].shape]  # in stage order, as timm
     final, _ = model.forward_intermediates(x)
-    assert final.shape == model.forward_features(x).shape
+    features = model.forward_features(x)
+    if isinstance(features, (list, tuple)):  # one tensor per branch (CrossViT), as timm
+        assert [t.shape for t in final] == [t.shape for t in features]
+    else:
+        assert final.shape == features.shape
     cfg = model.pretrained_cfg
     for key in ("input_size", "mean", "std", "crop_pct", "first_conv", "classifier", "interpolation"):
         assert key in cfg, f"{name}: pretrained_cfg lacks {key}"
