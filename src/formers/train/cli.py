@@ -96,6 +96,8 @@ def add_parser(subparsers):
                    help="auto (default): padded random crop, plus flips where the data set allows them")
     p.add_argument("--objective", default=_S, metavar="NAME",
                    help="training objective (default ce; see formers.train.objectives: multires, matformer, ...)")
+    p.add_argument("--matformer", dest="objective", action="store_const", const="matformer", default=_S,
+                   help="train the nested MatFormer granularities jointly (= --objective matformer)")
     p.add_argument("--objective-kwargs", type=_json_object, default=_S, metavar="JSON",
                    help="keyword arguments of the objective, e.g. '{\"sizes\": [16, 24, 32]}'")
     p.add_argument("--seed", type=int, default=_S, help="default 0")
