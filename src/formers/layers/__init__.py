@@ -5,7 +5,7 @@ from .drop import DropPath, drop_path_rates
 from .helpers import check_image_input, feature_take_indices, to_2tuple
 from .mixers import IdentityMixer, Pooling, RandomMixing, SepConv
 from .mlp import ConvMlp, Mlp
-from .norms import ChannelLayerNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
+from .norms import ChannelLayerNorm, CRMSNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed
 from .scale import Scale
