@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.layers import check_image_input, feature_take_indices
 
-__all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "init_trunc_normal"]
+__all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "TokenBackbone", "init_trunc_normal"]
 
 
 class Backbone(nn.Module):
@@ -135,3 +135,66 @@ class Stage(nn.Module):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
         return x
+
+
+class TokenBackbone(Backbone):
+    """The forward paths of a ViT-like model: one grid of tokens (prefix tokens such as cls first)
+    through `self.blocks`, a final `norm`, and a head on the cls token (global_pool='token'), on the
+    mean patch token ('avg'), or none ('': forward_head returns the tokens).
+
+    A subclass builds `blocks`, `norm`, `head` (and, if it has one, `head_drop`), sets
+    `num_prefix_tokens`, and writes `_embed(x) -> (tokens, (h, w))`; it overrides `_run(blk, x, hw)`
+    when its blocks take more than the tokens. As timm's ViTs: feature_info has one entry per block,
+    forward_features returns all normalised tokens, and forward_intermediates gives each requested
+    block's patch tokens as an NCHW map (or NLC tokens), through the final norm when `norm=True`.
+    """
+
+    num_prefix_tokens = 1
+    global_pool = "token"
+    grad_checkpointing = False
+
+    def _embed(self, x):
+        raise NotImplementedError
+
+    def _run(self, blk, x, hw):
+        if self.grad_checkpointing and x.requires_grad:
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_features(self, x):
+        self.check_input(x)
+        x, hw = self._embed(x)
+        for blk in self.blocks:
+            x = self._run(blk, x, hw)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        head_drop = getattr(self, "head_drop", None)
+        if head_drop is not None:
+            x = head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        if output_fmt not in ("NCHW", "NLC"):
+            name = getattr(self, "model_name", type(self).__name__)
+            raise ValueError(f"{name}: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self.check_input(x)
+        take, last = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks[:last + 1] if stop_early or intermediates_only else self.blocks
+        x, (h, w) = self._embed(x)
+        feats = []
+        for i, blk in enumerate(blocks):
+            x = self._run(blk, x, (h, w))
+            if i in take:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
+                feats.append(y.transpose(1, 2).reshape(y.shape[0], -1, h, w) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return feats
+        if len(blocks) == len(self.blocks):
+            x = self.norm(x)
+        return x, feats
