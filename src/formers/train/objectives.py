@@ -27,6 +27,7 @@ _PROVIDERS = {
     "multires": "formers.train.multires",
     "matformer": "formers.transforms.matformer",
     "sparse": "formers.transforms.sparse",
+    "lowrank": "formers.transforms.lowrank",
 }
 
 
