@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.layers import check_image_input, feature_take_indices
 
-__all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "TokenBackbone", "init_trunc_normal"]
+__all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "TokenBackbone", "init_trunc_normal", "stage_intermediates"]
 
 
 class Backbone(nn.Module):
@@ -64,6 +64,20 @@ def init_trunc_normal(m: nn.Module):
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def stage_intermediates(stages, x, indices=None, stop_early: bool = False, intermediates_only: bool = False):
+    """timm's forward_intermediates over `stages`, modules that each map a tensor to the next (NCHW maps):
+    the outputs of the requested stages (indices as in feature_take_indices) and, unless
+    `intermediates_only`, the last output (of every stage, or of the last requested one with `stop_early`)."""
+    take, last = feature_take_indices(len(stages), indices)
+    run = stages[:last + 1] if stop_early or intermediates_only else stages
+    feats = []
+    for i, stage in enumerate(run):
+        x = stage(x)
+        if i in take:
+            feats.append(x)
+    return feats if intermediates_only else (x, feats)
 
 
 class ChannelsLastPyramid(Backbone):
