@@ -197,16 +197,8 @@ def test_head_averages_the_branch_logits_and_pre_logits_concatenate():
     assert pooled.shape == (3, 48 + 96) == (3, model.num_features)
 
 
-def test_demo_learns_a_fixed_batch():
+def test_demo_learns_a_fixed_batch(fit_losses):
     torch.manual_seed(0)
     model = formers.create_model("crossvit_demo", num_classes=4, in_chans=1)
-    x, y = torch.randn(16, 1, 32, 32), torch.arange(16) % 4
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(25):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, torch.randn(16, 1, 32, 32), torch.arange(16) % 4, steps=25)
     assert losses[-1] < 0.5 * losses[0]
