@@ -35,6 +35,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _size_list(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 128,160,224, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 128,160,224, got {text!r}")
+    return sizes
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -100,6 +110,9 @@ def add_parser(subparsers):
                    help="train the nested MatFormer granularities jointly (= --objective matformer)")
     p.add_argument("--objective-kwargs", type=_json_object, default=_S, metavar="JSON",
                    help="keyword arguments of the objective, e.g. '{\"sizes\": [16, 24, 32]}'")
+    p.add_argument("--multi-res", type=_size_list, default=_S, metavar="S1,S2,...",
+                   help="multi-resolution training (ResFormer): every batch at each size, e.g. 128,160,224; "
+                        "short for --objective multires --objective-kwargs '{\"sizes\": [...]}'")
     p.add_argument("--seed", type=int, default=_S, help="default 0")
     p.add_argument("--limit-train", type=_positive_int, default=_S, metavar="N",
                    help="use a fixed subset of N training images")
@@ -138,6 +151,15 @@ def _cmd_train(args):
 
     from formers.train.common import TrainingDiverged
     from formers.train.trainer import TrainConfig, train
+    if hasattr(args, "multi_res"):
+        kwargs = dict(getattr(args, "objective_kwargs", {}))
+        other = getattr(args, "objective", "multires")
+        clash = (f"cannot be combined with --objective {other}" if other != "multires"
+                 else "and --objective-kwargs both give sizes" if "sizes" in kwargs else None)
+        if clash:
+            print(f"formers train: error: --multi-res {clash}", file=sys.stderr)
+            return 2
+        args.objective, args.objective_kwargs = "multires", {**kwargs, "sizes": args.multi_res}
     if args.threads:
         torch.set_num_threads(args.threads)
     names = {f.name for f in dc.fields(TrainConfig)}
