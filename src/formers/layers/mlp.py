@@ -1,7 +1,7 @@
 """Feed-forward blocks."""
 import torch.nn as nn
 
-__all__ = ["Mlp", "ConvMlp"]
+__all__ = ["Mlp", "ConvMlp", "DWConvMlp"]
 
 
 class Mlp(nn.Module):
@@ -33,3 +33,20 @@ class ConvMlp(nn.Module):
 
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DWConvMlp(nn.Module):
+    """PVTv2's feed-forward on channels-last (B, H, W, C) maps: fc1, 3x3 depthwise conv over the hidden
+    channels, act, fc2 (SVT; FaViT has the same block on (B, N, C) tokens)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(self.drop(self.act(x))))
