@@ -179,7 +179,8 @@ def _plot(rows, names, path):
         ax.set_xlabel("sequence length")
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle("LRA Text config: speed and memory per mechanism (CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

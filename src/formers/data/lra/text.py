@@ -11,6 +11,7 @@ Tokens: byte b -> b + 1, 0 = padding (vocab 257). The built data depends on the 
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sys
 import sysconfig
@@ -62,7 +63,8 @@ def docstrings(path: str) -> str:
     return "\n\n".join(parts)
 
 
-def documents() -> list[tuple[str, int, bytes]]:
+@functools.lru_cache(maxsize=1)
+def documents() -> tuple[tuple[str, int, bytes], ...]:
     """(module, label, document bytes) for every listed module that exists and has docstrings."""
     seen, out = set(), []
     for label, family in enumerate(FAMILIES):
@@ -73,7 +75,7 @@ def documents() -> list[tuple[str, int, bytes]]:
             text = "\n\n".join(docstrings(p) for p in module_files(name))
             if text.strip():
                 out.append((name, label, text.encode("utf-8")))
-    return out
+    return tuple(out)
 
 
 def split_sources(names: list, labels: list, rng: np.random.Generator, fractions=(0.7, 0.1)) -> dict:
