@@ -44,6 +44,13 @@ def _input_size(model, name):
     return tuple(fixed) if fixed is not None else (card.img_size, card.img_size)
 
 
+def _token_set(model):
+    """Models whose features are a set of tokens, not a map (SparseFormer's latent tokens), set
+    feature_maps = False: forward_intermediates gives (B, N, C) with output_fmt='NLC' and refuses
+    'NCHW' with a ValueError naming the model."""
+    return getattr(model, "feature_maps", True) is False
+
+
 def _small_size(model):
     """A small input the model takes: its fixed size, or 64 rounded up to its divisor."""
     fixed = getattr(model, "fixed_input_size", None)
@@ -91,16 +98,23 @@ def test_contract_shapes(name):
     h, w = _input_size(model, name)
     x = torch.randn(2, model.in_chans, h, w, device="meta")
     assert model(x).shape == (2, 7)
-    feats = model.forward_intermediates(x, intermediates_only=True)
+    fmt = "NLC" if _token_set(model) else "NCHW"
+    if fmt == "NLC":
+        with pytest.raises(ValueError, match=name):
+            model.forward_intermediates(x)
+    feats = model.forward_intermediates(x, output_fmt=fmt, intermediates_only=True)
     assert len(feats) == len(model.feature_info)
     for f, info in zip(feats, model.feature_info):
         r = info["reduction"]
+        if fmt == "NLC":
+            assert f.dim() == 3 and f.shape[0] == 2 and f.shape[2] == info["num_chs"], (name, info, f.shape)
+            continue
         assert f.shape[:2] == (2, info["num_chs"]), (name, info)
         # each stage's map is the input divided by its reduction (rounded either way by padding or flooring)
         assert f.shape[2] in (h // r, math.ceil(h / r)) and f.shape[3] in (w // r, math.ceil(w / r)), (name, f.shape, r)
-    last2 = model.forward_intermediates(x, indices=[-1, -2], intermediates_only=True)
+    last2 = model.forward_intermediates(x, indices=[-1, -2], output_fmt=fmt, intermediates_only=True)
     assert [t.shape for t in last2] == [feats[-2].shape, feats[-1].shape]  # in stage order, as timm
-    final, _ = model.forward_intermediates(x)
+    final, _ = model.forward_intermediates(x, output_fmt=fmt)
     features = model.forward_features(x)
     if isinstance(features, (list, tuple)):  # one tensor per branch (CrossViT), as timm
         assert [t.shape for t in final] == [t.shape for t in features]
@@ -184,6 +198,6 @@ def test_intermediates_agree_with_forward_features(name):
     h, w = _small_size(model)
     x = torch.randn(1, model.in_chans, h, w)
     with torch.no_grad():
-        final, feats = model.forward_intermediates(x)
+        final, feats = model.forward_intermediates(x, output_fmt="NLC" if _token_set(model) else "NCHW")
         torch.testing.assert_close(final, model.forward_features(x))
     assert len(feats) == len(model.feature_info)
