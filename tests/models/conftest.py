@@ -19,3 +19,17 @@ def fit_losses():
             losses.append(loss.item())
         return losses
     return run
+
+
+@pytest.fixture
+def assert_checkpointing_exact():
+    """`assert_checkpointing_exact(model, x)`: gradients with set_grad_checkpointing(True) equal the plain ones."""
+    def run(model, x):
+        model(x).sum().backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        model.set_grad_checkpointing(True)
+        model(x).sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, plain[n], msg=n)
+    return run
