@@ -202,3 +202,8 @@ def test_demo_learns_a_fixed_batch(fit_losses):
     model = formers.create_model("crossvit_demo", num_classes=4, in_chans=1)
     losses = fit_losses(model, torch.randn(16, 1, 32, 32), torch.arange(16) % 4, steps=25)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_grad_checkpointing_gives_the_same_gradients(assert_checkpointing_exact):
+    torch.manual_seed(0)
+    assert_checkpointing_exact(formers.create_model("crossvit_demo", num_classes=3), torch.randn(2, 3, 32, 32))

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from formers.checkpoint import _adapt_first_conv
 from formers.layers import (DropPath, PatchEmbed, TransformerBlock, drop_path_rates, feature_take_indices,
@@ -235,11 +236,16 @@ class CrossViT(Backbone):
             grids.append(grid)
         return xs, grids
 
+    def _run(self, blk, xs):
+        if getattr(self, "grad_checkpointing", False) and xs[0].requires_grad:
+            return checkpoint(blk, xs, use_reentrant=False)
+        return blk(xs)
+
     def forward_features(self, x) -> list[torch.Tensor]:
         """(B, C, H, W) -> one (B, 1 + h_i * w_i, C_i) tensor per branch, normalised, CLS first."""
         xs, _ = self._embed(x)
         for blk in self.blocks:
-            xs = blk(xs)
+            xs = self._run(blk, xs)
         return [norm(t) for norm, t in zip(self.norm, xs)]
 
     def forward_head(self, xs: list[torch.Tensor], pre_logits: bool = False):
@@ -264,7 +270,7 @@ class CrossViT(Backbone):
         blocks = self.blocks[:last_block + 1] if stop_early or intermediates_only else self.blocks
         per_branch = [[] for _ in range(self.num_branches)]
         for i, blk in enumerate(blocks):
-            xs = blk(xs)
+            xs = self._run(blk, xs)
             for b, t in enumerate(xs):
                 if b * num_blocks + i in take:
                     t = (self.norm[b](t) if norm else t)[:, 1:]
