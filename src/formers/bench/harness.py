@@ -135,7 +135,7 @@ def _image_size(model: nn.Module, img_size: int | None) -> int:
 
 def _stem_reduction(model: nn.Module) -> int:
     info = getattr(model, "feature_info", None) or [{}]
-    return int(info[0].get("reduction", 1))
+    return int(info[0].get("reduction") or 1)  # None: a token set with no grid (SparseFormer)
 
 
 def timm_compat_kwargs(name: str) -> dict:
@@ -410,7 +410,7 @@ def _bench_one(name, peer, batch_size, img_size, precision, modes, compile, opti
     rows = {k: dict(model=name, impl=k, precision=precision, compiled=compile,
                     optimized=optimized and k == "formers", peer=peer or "", device=dev.type,
                     threads=torch.get_num_threads(), param_count=_sig(params[k] / 1e6),
-                    tokens=(size // _stem_reduction(ours)) ** 2)
+                    tokens=getattr(ours, "num_latent_tokens", None) or (size // _stem_reduction(ours)) ** 2)
             for k in impls}
     limit = (limits or {}).get("limit_gflops", {}).get(precision)
     for m in modes:
