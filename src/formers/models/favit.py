@@ -366,7 +366,7 @@ def checkpoint_filter_fn(state_dict: dict, model: FactorizationTransformer) -> d
 # FLOPs are mmcv's count of the layers plus the official get_flops.py estimate of the attention
 # products (2 * HW * 49 * 14C/16 local + 2 * HW * HW/sr^2 * 2C/16 global per block).
 
-_CFG = dict(crop_pct=0.9, interpolation="bicubic", first_conv="stages.0.patch_embed.proj", classifier="head")
+_CFG = dict(crop_pct=0.875, interpolation="bicubic", first_conv="stages.0.patch_embed.proj", classifier="head")  # DeiT eval: Resize(256), crop 224
 _COMMON = dict(num_heads=(1, 2, 4, 8), mlp_ratios=(8, 6, 4, 4), sr_ratios=(8, 4, 2, 1), window=7, qkv_bias=True)
 
 
