@@ -59,6 +59,7 @@ def _randomise_norms(model):
 # model builder, whether every stream converts (else only with partial=True), whether CRMSNorm applies fully
 EXACT = {
     "toy_vit": (lambda: ToyViT(), True, True),
+    "t2t_vit_demo": (lambda: formers.create_model("t2t_vit_demo", num_classes=5), True, True),
     "crossformer_v1_demo": (lambda: formers.create_model("crossformer_demo", num_classes=5, use_acl=False), True, True),
     "convformer_small": (lambda: _metaformer(("sepconv",) * 4), True, True),
     "caformer_small": (lambda: _metaformer(("sepconv", "sepconv", "attention", "attention")), True, False),

@@ -27,7 +27,7 @@ there. By default such a model raises TransformError naming each stream and the 
 `partial=True` converts the streams that allow it and leaves the others with LayerNorm.
 
 Streams are described per family, from the model code: Swin, CSWin and CrossFormer
-(ChannelsLastPyramid), PVT, MetaFormer (ConvFormer/CAFormer), and plain ViTs (a
+(ChannelsLastPyramid), PVT, MetaFormer (ConvFormer/CAFormer), T2T-ViT, and plain ViTs (a
 `layers.PatchEmbed`, position/class-token parameters, `layers.TransformerBlock`s, a norm). Other models raise
 TransformError. With CRMSNorm the unnormalised stage maps that `forward_intermediates`
 returns are the compressed (C-1 channels) zero-mean streams; with RMSNorm they are the
@@ -99,7 +99,8 @@ class _Walker:
     # Pre-norm residual blocks whose forward is exactly x + f(norm1(x)); x + g(norm2(x)) (read in their files).
     BLOCKS = {"formers.models.swin.SwinBlock", "formers.models.cswin.CSWinBlock",
               "formers.models.crossformer.CrossFormerBlock", "formers.models.pvt.Block",
-              "formers.models.metaformer.MetaFormerBlock", "formers.layers.transformer_block.TransformerBlock"}
+              "formers.models.metaformer.MetaFormerBlock", "formers.models.t2t_vit.Block",
+              "formers.layers.transformer_block.TransformerBlock"}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -227,12 +228,23 @@ def _walk_plain_vit(w: _Walker, model):
     w.norm(model.norm)
 
 
+def _walk_t2t(w: _Walker, model):
+    """T2T-ViT: the T2T module ends in a Linear (`project`) that writes the tokens; class token and
+    the fixed sinusoid table (a buffer) are added; then plain pre-norm blocks and a final norm."""
+    w.start("tokens_to_token", ("fold", model.tokens_to_token.project), ("param", model, "cls_token"),
+            ("param", model, "pos_embed"))
+    for blk in model.blocks:
+        w.residual_block(blk)
+    w.norm(model.norm)
+
+
 def _families():
     from formers.models.base import ChannelsLastPyramid
     from formers.models.metaformer import MetaFormer
     from formers.models.pvt import PyramidVisionTransformer
+    from formers.models.t2t_vit import T2TViT
     return [(PyramidVisionTransformer, _walk_pvt), (MetaFormer, _walk_metaformer),
-            (ChannelsLastPyramid, _walk_pyramid)]
+            (ChannelsLastPyramid, _walk_pyramid), (T2TViT, _walk_t2t)]
 
 
 def _why_not(model: nn.Module) -> list[str]:
@@ -261,7 +273,7 @@ def describe_streams(model: nn.Module) -> list[Stream]:
     reasons = _why_not(model)
     detail = "; ".join(reasons) if reasons else "no description of its residual streams"
     raise TransformError(f"{model_name(model)}: Pre-RMSNorm does not apply to {type(model).__name__}: {detail} "
-                         "(described: Swin, CSWin, CrossFormer, PVT, ConvFormer/CAFormer, plain ViTs)")
+                         "(described: Swin, CSWin, CrossFormer, PVT, ConvFormer/CAFormer, T2T-ViT, plain ViTs)")
 
 
 # ----------------------------------------------------------------------------- rewriting it
@@ -352,7 +364,11 @@ def _convert(model: nn.Module, mode: str, partial: bool) -> nn.Module:
                 owner, attr = src[1], src[2]
                 p = getattr(owner, attr)
                 v = p - p.mean(-1, keepdim=True)
-                setattr(owner, attr, nn.Parameter(v[..., :-1] if compress else v, requires_grad=p.requires_grad))
+                v = v[..., :-1] if compress else v
+                if attr in owner._buffers:       # a fixed table (T2T-ViT's sinusoids) stays a buffer
+                    owner._buffers[attr] = v.contiguous()
+                else:
+                    setattr(owner, attr, nn.Parameter(v.contiguous(), requires_grad=p.requires_grad))
         for m in s.adders:
             _fold(m, compress, parents)
     return model
