@@ -203,3 +203,14 @@ def test_bootstrap_from_timm_vit_keeps_each_block_function():
     sf8 = sparseformer_from_vit(vit.state_dict(), num_blocks=8, num_heads=3)
     assert len(sf8.units()) == 10
     torch.testing.assert_close(sf8.units()[2].attn.qkv.weight, vit.blocks[4].attn.qkv.weight)
+
+
+def test_bootstrap_refuses_blocks_it_cannot_copy_and_takes_fc_norm():
+    timm = pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="ls1.gamma"):
+        sparseformer_from_vit(timm.create_model("vit_tiny_patch16_224", init_values=1e-5, depth=2))
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, global_pool="avg", class_token=False,
+                            fc_norm=True, depth=2)
+    sf = sparseformer_from_vit(vit)
+    assert sf.global_pool == "avg" and sf.cls_token is None and sf.num_latent_tokens == 49
+    assert torch.equal(sf.norm.weight, vit.fc_norm.weight) and torch.equal(sf.head.weight, vit.head.weight)

@@ -482,6 +482,12 @@ def sparseformer_from_vit(vit, num_blocks: int | None = None, num_heads: int | N
     pass through `kwargs`.
     """
     sd = vit if isinstance(vit, dict) else vit.state_dict()
+    extra = sorted({k.split(".", 2)[2] for k in sd if k.startswith("blocks.") and not _VIT_BLOCK.match(k)})
+    if extra:
+        raise ValueError(f"sparseformer_from_vit: the ViT blocks hold parts a plain pre-norm block lacks: {extra[:4]} "
+                         "(layer scale, q/k norms?), so they cannot be copied as they compute")
+    if "fc_norm.weight" in sd and "norm.weight" not in sd:  # timm ViTs that average-pool normalise after it
+        sd = {**sd, "norm.weight": sd["fc_norm.weight"], "norm.bias": sd["fc_norm.bias"]}
     if num_heads is None:
         if isinstance(vit, dict):
             raise ValueError("sparseformer_from_vit: pass num_heads= with a state dict (it is not in the weights)")
