@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -257,7 +259,7 @@ register_transform("prune", "NViT global structural pruning (heads, FFN neurons,
                    _add_arguments, _run, _rebuild)
 
 
-class _CallableModule(type(__import__("sys"))):
+class _CallableModule(types.ModuleType):
     """`formers.transforms.prune` is this module once imported (Python sets the package attribute
     to the submodule), so calling it calls `prune`: both spellings work."""
 
@@ -265,4 +267,4 @@ class _CallableModule(type(__import__("sys"))):
         return prune(*args, **kwargs)
 
 
-__import__("sys").modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__class__ = _CallableModule
