@@ -66,7 +66,7 @@ class RelativeTable(nn.Module):
         return self.weight[self.index[:n, :n]].permute(2, 0, 1)                         # (H, N, N)
 
 
-def _keep(mask: torch.Tensor | None, n: int, causal: bool, device) -> torch.Tensor | None:
+def allowed_pairs(mask: torch.Tensor | None, n: int, causal: bool, device) -> torch.Tensor | None:
     """Boolean (B|1, 1, N, N) of allowed (query, key) pairs; a padded query keeps itself (never all -inf)."""
     if mask is None and not causal:
         return None
@@ -82,7 +82,7 @@ def _keep(mask: torch.Tensor | None, n: int, causal: bool, device) -> torch.Tens
 def relative_attention(q, k, v, bias, mask, causal, toeplitz=None):
     """softmax(q k^T / sqrt(d) + bias) V, optionally (. toeplitz) after the softmax; q, k, v (B, H, N, D),
     bias and toeplitz (H, N, N)."""
-    keep = _keep(mask, q.shape[-2], causal, q.device)
+    keep = allowed_pairs(mask, q.shape[-2], causal, q.device)
     if toeplitz is None:
         attn_mask = bias.to(q.dtype) if keep is None else bias.to(q.dtype).masked_fill(~keep, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
