@@ -118,7 +118,7 @@ class _Walker:
         self.streams.append(Stream(where, list(sources)))
 
     def norm(self, m: nn.Module, groups: int = 1):
-        if isinstance(m, _LAYER_NORMS):
+        if isinstance(m, _LAYER_NORMS) and len(getattr(m, "normalized_shape", (1,))) == 1:
             self.cur.norms.append((m, groups))
         else:
             self.block(f"{self.name(m)} is {type(m).__name__}, not a LayerNorm over the channel axis")
@@ -175,7 +175,8 @@ def _walk_pyramid(w: _Walker, model):
             w.start(where, ("centre", ds.norm))
         elif not isinstance(ds, nn.Identity):
             raise TransformError(f"{model_name(model)}: downsampling {type(ds).__name__} is not described")
-        for blk in stage.blocks:
+        blocks = getattr(stage, "blocks", None)
+        for blk in [stage] if blocks is None else blocks:   # a stage without blocks is not described: a blocker
             w.residual_block(blk)
             cooling = getattr(blk, "cooling", None)
             if isinstance(cooling, ActivationCooling):
@@ -318,8 +319,6 @@ def _fold(m: nn.Module, compress: bool, parents: dict):
 @torch.no_grad()
 def _new_norm(ln: nn.Module, compress: bool, groups: int) -> nn.Module:
     dim = ln.weight.shape[0] if ln.weight is not None else ln.normalized_shape[-1]
-    if isinstance(ln, nn.LayerNorm) and len(ln.normalized_shape) != 1:
-        raise TransformError(f"LayerNorm over {tuple(ln.normalized_shape)} is not over the channel axis alone")
     affine, bias = ln.weight is not None, getattr(ln, "bias", None) is not None
     kw = dict(eps=ln.eps, affine=affine, bias=bias)
     new = CRMSNorm(dim, groups=groups, **kw) if compress else RMSNorm(dim, **kw)
