@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from formers.attention import build_attention
-from formers.attention.ecoformer import hamming, hamming_linear_attention, ksh_loss, ste_sign
+from formers.attention.ecoformer import hamming, hamming_linear_attention, ksh_loss, ksh_targets, ste_sign
 
 B, H, N, D, NB = 2, 3, 29, 8, 12
 
@@ -157,3 +157,24 @@ def test_fit_lowers_the_ksh_objective():
         initial = objective()
     assert not torch.equal(a_fit, att.hash.A)
     assert fitted < 0.99 * initial, (fitted, initial)
+
+
+def test_ksh_targets_match_the_dense_scatter_in_row_chunks():
+    x = torch.nn.functional.normalize(torch.randn(B, H, 23, D, dtype=torch.float64), dim=-1)
+    real = torch.ones(B, 23, dtype=torch.bool)
+    real[1, 17:] = False
+    dense = torch.zeros(B, H, 23, 23, dtype=torch.float64)
+    for i, n in enumerate((23, 17)):                 # the official S0 on each sample's real tokens
+        sim = x[i, :, :n] @ x[i, :, :n].transpose(-2, -1)
+        dense[i, :, :n, :n].scatter_(-1, sim.topk(4, -1).indices, 1.0)
+        dense[i, :, :n, :n].scatter_(-1, sim.topk(4, -1, largest=False).indices, -1.0)
+    for rows in (23, 5):
+        idx, val = ksh_targets(x, real, 4, rows=rows)
+        got = torch.zeros_like(dense).scatter_add_(-1, idx, val)
+        assert torch.equal(got, dense)
+    # fewer real keys than 2 topk: the overlap is -1, as the official scatter order gives
+    idx, val = ksh_targets(x[:, :, :5], real[:, :5], 4)
+    sim = x[:, :, :5] @ x[:, :, :5].transpose(-2, -1)
+    ref = torch.zeros_like(sim).scatter_(-1, sim.topk(4, -1).indices, 1.0)
+    ref.scatter_(-1, sim.topk(4, -1, largest=False).indices, -1.0)
+    assert torch.equal(torch.zeros_like(sim).scatter_add_(-1, idx, val), ref)

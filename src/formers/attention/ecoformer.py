@@ -82,6 +82,30 @@ def ksh_loss(y: torch.Tensor, s0_idx: torch.Tensor, s0_val: torch.Tensor, prev: 
     return (-quad / (n_real * nbits)).mean()
 
 
+def ksh_targets(x: torch.Tensor, real: torch.Tensor, topk: int, rows: int = 1024):
+    """The KSH similarity targets S0 in sparse form: for each real query row of x (B, H, N, D), the topk most
+    similar real keys (+1) and the topk least similar (-1; a key in both is -1, as the official scatter
+    writes the smallest last). Returns column indices and values (B, H, N, 2 topk); one sample and at
+    most `rows` query rows at a time, so memory stays O(rows N) however long the sequence."""
+    b, _, n, _ = x.shape
+    k = min(topk, n)
+    idx_l, idx_s, ok_l, ok_s = [], [], [], []
+    for i in range(b):
+        key_pad = ~real[i][None, None, :]
+        parts = []
+        for r0 in range(0, n, rows):
+            sim = x[i, :, r0:r0 + rows] @ x[i].transpose(-2, -1)                 # (H, rows, N)
+            parts.append(sim.masked_fill(key_pad, float("-inf")).topk(k, -1)
+                         + sim.masked_fill(key_pad, float("inf")).topk(k, -1, largest=False))
+        hi, il, lo, is_ = (torch.cat(t, 1) for t in zip(*parts))
+        idx_l.append(il), idx_s.append(is_)
+        ok_l.append(torch.isfinite(hi) & real[i][None, :, None])
+        ok_s.append(torch.isfinite(lo) & real[i][None, :, None])
+    idx_l, idx_s, ok_l, ok_s = (torch.stack(t) for t in (idx_l, idx_s, ok_l, ok_s))
+    ok_l = ok_l & ~((idx_l.unsqueeze(-1) == idx_s.unsqueeze(-2)) & ok_s.unsqueeze(-2)).any(-1)
+    return torch.cat([idx_l, idx_s], -1), torch.cat([ok_l.to(x.dtype), -ok_s.to(x.dtype)], -1)
+
+
 class KernelHash(nn.Module):
     """Kernelised hash of (B, H, N, D) rows to b-bit +-1 codes, fitted by KSH (see the module docstring)."""
 
@@ -129,22 +153,7 @@ class KernelHash(nn.Module):
         kern = torch.exp(-d / (2 * sigma))
         self.mu.copy_(_masked_mean(kern, w, (0, 2)))
         kern = (kern - self.mu) * w
-        # targets: per row the topk most (+1) and least (-1) similar real keys; sample by sample (N^2 memory)
-        k = min(self.topk, n)
-        idx_l, idx_s, ok_l, ok_s = [], [], [], []
-        for i in range(b):
-            sim = x[i] @ x[i].transpose(-2, -1)                             # (H, N, N)
-            key_real = real[i][None, None, :]
-            hi, il = sim.masked_fill(~key_real, float("-inf")).topk(k, -1)
-            lo, is_ = sim.masked_fill(~key_real, float("inf")).topk(k, -1, largest=False)
-            idx_l.append(il), idx_s.append(is_)
-            ok_l.append(torch.isfinite(hi) & real[i][None, :, None])
-            ok_s.append(torch.isfinite(lo) & real[i][None, :, None])
-        idx_l, idx_s, ok_l, ok_s = (torch.stack(t) for t in (idx_l, idx_s, ok_l, ok_s))
-        # a key in both sets is -1 (the official scatter writes the smallest last)
-        ok_l = ok_l & ~((idx_l.unsqueeze(-1) == idx_s.unsqueeze(-2)) & ok_s.unsqueeze(-2)).any(-1)
-        s0_idx = torch.cat([idx_l, idx_s], -1)
-        s0_val = torch.cat([ok_l.to(x.dtype), -ok_s.to(x.dtype)], -1)
+        s0_idx, s0_val = ksh_targets(x, real, self.topk)
         n_real = real.sum(1, keepdim=True).to(x.dtype)
         prev = None
         for r in range(self.nbits):
