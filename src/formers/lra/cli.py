@@ -34,7 +34,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("lra", help="Long Range Arena: train one task with one attention, or --speed",
                               description=__doc__.splitlines()[0])
     p.add_argument("task", nargs="?", help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--attention", default="softmax", help="registered mechanism (comma list with --speed)")
+    p.add_argument("--attention", default=None,
+                   help="registered mechanism (default softmax); with --speed a comma list (default: all registered)")
     p.add_argument("--attn-options", default=None, help="JSON dict of mechanism options, e.g. '{\"k\": 32}'")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--seq-len", type=int, default=None, help="listops: max length; text/retrieval: bytes per document")
@@ -83,6 +84,7 @@ def _run(args):
     if args.task not in TASKS:
         raise ValueError(f"unknown LRA task {args.task!r}; choose one of {', '.join(TASKS)}")
     from formers.attention import attention_class
+    args.attention = args.attention or "softmax"
     attention_class(args.attention)                     # unknown name -> ValueError before any work
     summary = train_cell(args.task, args.attention, steps=args.steps, seq_len=args.seq_len,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
