@@ -108,6 +108,9 @@ def test_include_exclude_and_errors():
     out = low_rank(copy.deepcopy(model), rank=4, include="*.mlp.*", exclude="layers.0.*")
     names = {n for n, m in out.named_modules() if isinstance(m, LowRankLinear)}
     assert names and all(".mlp." in n and not n.startswith("layers.0.") for n in names)
+    half = low_rank(copy.deepcopy(model), rank=0.5)      # half of each break-even rank in*out/(in+out)
+    fc1 = half.layers[2].blocks[0].mlp.fc1                # 128 -> 512: break-even 102
+    assert fc1.rank == 51
     with pytest.raises(TransformError, match="exactly one of"):
         low_rank(copy.deepcopy(model), rank=4, energy=0.9)
     with pytest.raises(TransformError, match="no nn.Linear layer matches"):

@@ -1,6 +1,10 @@
 """Low-rank factorisation of linear layers (catalog 47): "Greenformers: Improving Computation
 and Memory Efficiency in Transformer Models via Low-Rank Approximation", Winata et al.,
-arXiv 2108.10808; code SamuelCahyawijaya/greenformers.
+arXiv 2108.10808; code SamuelCahyawijaya/greenformer.
+
+The official auto_fact factors as (U S, V^T) from a randomised SVD, with the rank given or as a
+fraction of the break-even rank; here the SVD is exact, the factors balanced (sqrt(S) on each
+side), and ranks may also follow retained energy or a global parameter budget.
 
 Claim: a trained Linear W (out x in) is replaced by two, x -> B(Ax), with A = sqrt(S_r) V_r^T
 (r x in) and B = U_r sqrt(S_r) (out x r) from its truncated SVD: exact at full rank, and at
@@ -8,6 +12,7 @@ rank r < in*out / (in + out) fewer parameters and multiply-adds, at the cost of 
 discarded singular values; a short fine-tune recovers most of the accuracy.
 
     low_rank(model, rank=16)              # every Linear at rank <= 16 (where that saves)
+    low_rank(model, rank=0.5)             # half of each layer's break-even rank in*out/(in+out) (official)
     low_rank(model, energy=0.9)           # per layer, the fewest singular values keeping 90% of sum(s^2)
     low_rank(model, param_budget=0.6)     # globally: the ranks that keep the most energy within 60% of the
                                           # parameters (an int: an absolute count)
@@ -152,7 +157,8 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
              ranks: dict[str, int] | None = None) -> nn.Module:
     """Replace chosen nn.Linear layers by LowRankLinear (truncated SVD), in place; returns the model.
 
-    Give one of: `rank` (the same maximum rank everywhere), `energy` (0 < e <= 1, per layer),
+    Give one of: `rank` (the same maximum rank everywhere; a fraction < 1: that share of each layer's
+    break-even rank in*out/(in+out), as the official auto_fact), `energy` (0 < e <= 1, per layer),
     `param_budget` (the whole model's parameter count after: an int, or a float <= 1 as a fraction of
     the count before), `ranks` (name -> rank, as recorded). Layers where the factors would not be
     smaller are kept dense unless `only_if_smaller=False` (then `rank` gives exact full-rank factors).
@@ -174,9 +180,12 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
 
     if ranks is not None:
         chosen = {n: int(r) for n, r in ranks.items()}
+    elif rank is not None and 0 < rank < 1:    # as the official auto_fact: a fraction of the break-even rank
+        chosen = {n: max(1, int(rank * m.in_features * m.out_features / (m.in_features + m.out_features)))
+                  for n, m in layers.items()}
     elif rank is not None:
         if int(rank) < 1:
-            raise TransformError(f"{name}: rank must be >= 1, got {rank}")
+            raise TransformError(f"{name}: rank must be >= 1 or a fraction in (0, 1), got {rank}")
         chosen = {n: min(int(rank), m.in_features, m.out_features) for n, m in layers.items()}
     elif energy is not None:
         if not 0 < energy <= 1:
@@ -207,7 +216,8 @@ def _rebuild(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 
 def _add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--rank", type=int, help="the same maximum rank for every chosen layer")
+    g.add_argument("--rank", type=float,
+                   help="the same maximum rank for every chosen layer, or a fraction < 1 of each one's break-even rank")
     g.add_argument("--energy", type=float, help="per layer: keep this fraction of sum(s^2), e.g. 0.9")
     g.add_argument("--param-budget", type=float, metavar="B",
                    help="the model's parameter count after: a fraction <= 1 of the count before, or a count")
@@ -226,7 +236,8 @@ def _budget(value):
 
 
 def _run(model, args):
-    return low_rank(model, rank=args.rank, energy=args.energy, param_budget=_budget(args.param_budget),
+    rank = args.rank if args.rank is None or args.rank < 1 else int(args.rank)
+    return low_rank(model, rank=rank, energy=args.energy, param_budget=_budget(args.param_budget),
                     include=_globs(args.include), exclude=_globs(args.exclude))
 
 
