@@ -31,20 +31,23 @@ from .urpe import allowed_pairs
 PAPER = 20
 
 
-def squared_distances(n: int, grid: tuple[int, int] | None = None, prefix: int = 0, device=None) -> torch.Tensor:
-    """(N, N) squared distances of token positions: |i - j|^2, or on an h x w grid after `prefix` tokens
-    (rows/columns of prefix tokens are NaN: no position)."""
+def distance_table(n: int, grid: tuple[int, int] | None = None, prefix: int = 0, device=None):
+    """Squared distances of token positions as a small table and an (N, N) index into it (the mask is then
+    evaluated once per distinct distance, not per pair): |i - j|^2 for sequences; drow^2 + dcol^2 on an
+    h x w grid after `prefix` tokens, whose rows and columns point to a NaN entry (no position)."""
     if grid is None:
-        i = torch.arange(n, device=device, dtype=torch.float32)
-        return (i[:, None] - i[None, :]) ** 2
+        i = torch.arange(n, device=device)
+        return (i.float() ** 2), (i[:, None] - i[None, :]).abs()
     h, w = grid
     if n != prefix + h * w:
         raise ValueError(f"attention 'gmm_mask': grid {h}x{w} with {prefix} prefix tokens needs "
                          f"{prefix + h * w} tokens, got {n}")
+    dr, dc = torch.arange(h, device=device).float(), torch.arange(w, device=device).float()
+    table = torch.cat([(dr[:, None] ** 2 + dc[None, :] ** 2).flatten(), torch.full((1,), float("nan"), device=device)])
     p = torch.arange(h * w, device=device)
-    r, c = (p // w).float(), (p % w).float()
-    d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
-    return F.pad(d2, (prefix, 0, prefix, 0), value=float("nan"))
+    r, c = p // w, p % w
+    index = (r[:, None] - r[None, :]).abs() * w + (c[:, None] - c[None, :]).abs()
+    return table, F.pad(index, (prefix, 0, prefix, 0), value=h * w)
 
 
 @register_attention("gmm_mask")
@@ -63,11 +66,11 @@ class GMMMaskAttention(QKVAttention):
 
     def gmm(self, n: int) -> torch.Tensor:
         """(H, N, N) mask G; neutral (1 multiply, 0 add) on prefix-token rows and columns."""
-        d2 = squared_distances(n, self.grid, self.prefix, self.alpha.device).to(self.alpha.dtype)
-        g = (self.alpha * torch.exp(-d2.nan_to_num(0.0) / (2 * (self.sigma ** 2 + 1e-5)))).sum(0)
-        if self.grid is not None and self.prefix:
-            g = torch.where(d2.isnan(), 1.0 if self.mode == "multiply" else 0.0, g)
-        return g
+        table, index = distance_table(n, self.grid, self.prefix, self.alpha.device)
+        table = table.to(self.alpha.dtype)
+        g = (self.alpha[..., 0] * torch.exp(-table.nan_to_num(0.0) / (2 * (self.sigma[..., 0] ** 2 + 1e-5)))).sum(0)
+        g = torch.where(table.isnan(), 1.0 if self.mode == "multiply" else 0.0, g)      # (H, table size)
+        return g[:, index]
 
     def mix(self, q, k, v, mask):
         n = q.shape[-2]
