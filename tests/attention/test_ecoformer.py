@@ -178,3 +178,24 @@ def test_ksh_targets_match_the_dense_scatter_in_row_chunks():
     ref = torch.zeros_like(sim).scatter_(-1, sim.topk(4, -1).indices, 1.0)
     ref.scatter_(-1, sim.topk(4, -1, largest=False).indices, -1.0)
     assert torch.equal(torch.zeros_like(sim).scatter_add_(-1, idx, val), ref)
+
+
+def test_kernel_features_by_hand():
+    """kappa(x)_j = exp(-|x - a_j|^2 / (2 sigma)) - mu_j, sigma = the mean squared token-anchor distance of
+    the input (per sample and head), mu = the fitted mean kernel vector over batch and tokens."""
+    from formers.attention.ecoformer import KernelHash
+    x = torch.nn.functional.normalize(torch.randn(B, H, 20, D, dtype=torch.float64), dim=-1)
+    kh = KernelHash(H, D, NB, num_anchors=5, topk=3, iters=1).double()
+    kh.fit(x, None, anchors=x[:1, :, :5])
+    d = ((x.unsqueeze(-2) - x[:1, :, :5].unsqueeze(-3)) ** 2).sum(-1)          # (B, H, 20, 5)
+    sigma = d.mean((-2, -1), keepdim=True)
+    kern = torch.exp(-d / (2 * sigma))
+    assert torch.allclose(kh.mu, kern.mean((0, 2), keepdim=True), atol=1e-12)
+    assert torch.allclose(kh.sigma, sigma.mean(0, keepdim=True), atol=1e-12)
+    w = torch.ones_like(x[..., :1])
+    assert torch.allclose(kh.kernel(x, w, stored_sigma=False), kern - kh.mu, atol=1e-12)
+    # padded tokens take no part in sigma
+    real = torch.ones(B, 24, dtype=torch.bool)
+    real[:, 20:] = False
+    xp = torch.cat([x, torch.ones(B, H, 4, D, dtype=torch.float64)], 2)
+    assert torch.allclose(kh.kernel(xp, real[:, None, :, None].double(), False)[:, :, :20], kern - kh.mu, atol=1e-12)

@@ -65,6 +65,7 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_mean(x: torch.Tensor, w: torch.Tensor, dims) -> torch.Tensor:
+    w = w.expand_as(x)
     return (x * w).sum(dims, keepdim=True) / w.sum(dims, keepdim=True).clamp_min(1e-12)
 
 
@@ -138,15 +139,17 @@ class KernelHash(nn.Module):
         return ste_sign(pre)
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor, mask: torch.Tensor | None):
-        """Fit anchors, mu, sigma and A on one batch x (B, H, N, D) of normalised rows."""
+    def fit(self, x: torch.Tensor, mask: torch.Tensor | None, anchors: torch.Tensor | None = None):
+        """Fit anchors, mu, sigma and A on one batch x (B, H, N, D) of normalised rows (anchors (1, H, m, D)
+        may be given; by default m random real tokens of the first sample, with replacement only if it has
+        fewer than m)."""
         b, h, n, _ = x.shape
         real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         w = real[:, None, :, None].to(x.dtype)
-        # anchors: m random real tokens of the first sample (with replacement only if it has fewer than m)
-        p = real[0].to(torch.float)
-        pick = torch.multinomial(p, self.m, replacement=int(real[0].sum()) < self.m)
-        self.anchors.copy_(x[:1, :, pick])
+        if anchors is None:
+            p = real[0].to(torch.float)
+            anchors = x[:1, :, torch.multinomial(p, self.m, replacement=int(real[0].sum()) < self.m)]
+        self.anchors.copy_(anchors)
         d = self.sq_dist(x)
         sigma = _masked_mean(d, w, (-2, -1))                                # (B, H, 1, 1)
         self.sigma.copy_(sigma.mean(0, keepdim=True))
