@@ -141,3 +141,17 @@ def test_cli_bad_name_is_one_line_and_exit_2():
     r = subprocess.run([sys.executable, "-m", "formers.cli", "info", "no_such_model"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "unknown model" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["swin_demo", "crossformer_demo", "cswin_demo"])
+def test_cached_masks_from_inference_mode_do_not_break_training(name):
+    """Masks/index tables are cached by size; one first built under inference_mode must still be
+    usable when the same size is later trained (it failed with 'Inference tensors cannot be saved')."""
+    model = formers.create_model(name, img_size=40).eval()   # 40: padded windows -> masks are built
+    x = torch.randn(1, 3, 40, 40)
+    with torch.inference_mode():
+        ref = model(x)
+    model.train()
+    model(x).sum().backward()
+    assert torch.isfinite(ref).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -2,7 +2,7 @@
 from .activations import SquaredReLU, StarReLU
 from .attention import Attention, sdpa
 from .drop import DropPath, drop_path_rates
-from .helpers import check_image_input, feature_take_indices, to_2tuple
+from .helpers import cached_constant, check_image_input, feature_take_indices, to_2tuple
 from .mixers import IdentityMixer, Pooling, RandomMixing, SepConv
 from .mlp import ConvMlp, Mlp
 from .norms import ChannelLayerNorm, CRMSNorm, LayerNorm2d, LayerNormNoBias, RMSNorm

@@ -1,9 +1,11 @@
 """Small helpers every model uses: tuples, index selection, input checks."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["to_2tuple", "feature_take_indices", "check_image_input"]
+__all__ = ["to_2tuple", "feature_take_indices", "check_image_input", "cached_constant"]
 
 
 def to_2tuple(x) -> tuple[int, int]:
@@ -61,3 +63,17 @@ def check_image_input(model, x, divisor: int = 1, min_size: int = 1, fixed_size=
         raise ValueError(f"{name}: cannot take a {h}x{w} input; height and width must be {need}"
                          f" and at least {min_size}")
     return h, w
+
+
+def cached_constant(maxsize: int = 64):
+    """lru_cache for functions of sizes (and a device string) that build constant tensors: masks,
+    index tables. The tensors are always built outside inference mode and autograd, so one made
+    during `torch.inference_mode()` evaluation can later be saved for backward in training."""
+    def deco(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args)
+        return cached
+    return deco

@@ -20,14 +20,13 @@ under 256 px on a side). The convolutions floor odd sizes, so any input of at le
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from formers.checkpoint import _adapt_first_conv
 from formers.layers.attention import sdpa
+from formers.layers.helpers import cached_constant
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.mlp import Mlp
 from formers.layers.windows import relative_position_bias, relative_position_index
@@ -71,7 +70,7 @@ class CrossScaleEmbedding(nn.Module):
         return x if self.norm_first else self.norm(x)
 
 
-@lru_cache(maxsize=64)
+@cached_constant(maxsize=64)
 def _relative_offsets(gh: int, gw: int, device: str):
     """((2gh-1)(2gw-1), 2) float offsets (dy, dx), row-major, and the (N, N) index of each token pair
     into them, for a gh x gw group."""
@@ -118,7 +117,7 @@ def ungroup_tokens(x, gh: int, gw: int, ih: int, iw: int, h: int, w: int):
     return x.reshape(b, h, w, c)
 
 
-@lru_cache(maxsize=64)
+@cached_constant(maxsize=64)
 def _padding_mask(h: int, w: int, hp: int, wp: int, gh: int, gw: int, ih: int, iw: int, device: str):
     """(nG, 1, 1, N) additive mask: _MASKED at the keys that are padding (row >= h or col >= w)."""
     dev = torch.device(device)

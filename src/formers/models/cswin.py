@@ -15,13 +15,12 @@ resolutions nothing is padded and the logits are the official ones.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from formers.layers.attention import sdpa
+from formers.layers.helpers import cached_constant
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.mlp import Mlp
 from formers.layers.patch_embed import PatchEmbed
@@ -32,7 +31,7 @@ from .base import ChannelsLastPyramid, Stage, init_trunc_normal
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
 
-@lru_cache(maxsize=128)
+@cached_constant(maxsize=128)
 def _real_key_mask(hp: int, wp: int, wh: int, ww: int, top: int, left: int, h: int, w: int, device: str):
     """(1, nW, 1, 1, wh*ww) bool, True at the real tokens of each window of a padded (hp, wp) map
     whose real (h, w) part starts at (top, left)."""

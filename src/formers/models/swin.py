@@ -12,13 +12,11 @@ nothing is padded and the outputs are those of the official model.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, relative_position_bias,
+from formers.layers import (DropPath, cached_constant, Mlp, PatchEmbed, drop_path_rates, relative_position_bias,
                             relative_position_index, sdpa, window_attention_mask, window_partition,
                             window_region_ids, window_reverse)
 from formers.registry import ModelCard, register_model
@@ -62,7 +60,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-@lru_cache(maxsize=64)
+@cached_constant(maxsize=64)
 def _shift_mask(hp: int, wp: int, window: int, sh: int, sw: int, h: int, w: int, device: str):
     """The additive mask of one (padded) map size and shift; cached, it depends on sizes only."""
     ids = window_region_ids(hp, wp, window, window, sh, sw, h, w, device=torch.device(device))
