@@ -58,6 +58,7 @@ def add_parser(subparsers):
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--time-cap", type=float, default=20.0, help="--speed: seconds of timed steps per cell")
     p.add_argument("--cell-timeout", type=float, default=120.0, help="--speed: seconds before a cell is 'timeout'")
+    p.add_argument("--mem-cap", type=float, default=6.0, help="--speed: GB a cell may allocate before it is 'oom'")
     p.set_defaults(func=_run)
     return p
 
@@ -78,7 +79,7 @@ def _run(args):
         names = None if args.attention in (None, "", "all") else args.attention.split(",")
         return run_speed(names, _ints(args.lengths), args.out, batch_size=args.batch_size or 1, scale=args.scale,
                          time_cap=args.time_cap, cell_timeout=args.cell_timeout, threads=args.threads or 1,
-                         attn_options=options)
+                         attn_options=options, mem_cap_gb=args.mem_cap)
     if not args.task:
         raise ValueError(f"give a task ({', '.join(TASKS)}) or --speed")
     if args.task not in TASKS:

@@ -7,7 +7,8 @@ Peak memory = the process's resident-set high-water mark (VmHWM in /proc/self/st
 timed steps minus the resident set just before them; the high-water mark is reset first by writing
 5 to /proc/self/clear_refs. So it counts what a training step allocates (activations, gradients,
 optimizer state on its first step is already in the baseline), not the Python/torch runtime. A cell
-that exceeds `cell_timeout` or dies (e.g. out of memory) is reported as such.
+that exceeds `cell_timeout`, or allocates past `mem_cap_gb` (RLIMIT_DATA set in the child, so the
+allocation fails inside the cell instead of starving the machine), is reported as TIMEOUT / OOM.
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def _cap_memory(gb: float):
+    import resource
+    if gb and gb > 0:
+        limit = int(gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 def measure_cell(attention: str, length: int, batch_size: int, scale: float, time_cap: float, threads: int,
@@ -81,9 +89,9 @@ def measure_cell(attention: str, length: int, batch_size: int, scale: float, tim
 
 
 def _cell(name: str, length: int, batch_size: int, scale: float, time_cap: float, cell_timeout: float,
-          threads: int, attn_options: dict) -> dict:
+          threads: int, attn_options: dict, mem_cap_gb: float) -> dict:
     spec = json.dumps(dict(attention=name, length=length, batch_size=batch_size, scale=scale,
-                           time_cap=time_cap, threads=threads, attn_options=attn_options))
+                           time_cap=time_cap, threads=threads, attn_options=attn_options, mem_cap_gb=mem_cap_gb))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.time()
     try:
@@ -94,7 +102,7 @@ def _cell(name: str, length: int, batch_size: int, scale: float, time_cap: float
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         err = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        oom = r.returncode in (-9, 137) or "memory" in err.lower()
+        oom = r.returncode in (-9, 137) or any(w in r.stderr.lower() for w in ("memory", "bad_alloc", "allocat"))
         return dict(status="oom" if oom else "error", error=err[:200], wall=time.time() - t0)
     return dict(json.loads(lines[-1]), wall=time.time() - t0)
 
@@ -112,7 +120,8 @@ def _fmt(row: dict, ref: dict | None, key: str) -> str:
 
 
 def run_speed(names, lengths, out: str, batch_size: int = 1, scale: float = 1.0, time_cap: float = 20.0,
-              cell_timeout: float = 120.0, threads: int = 1, attn_options: dict | None = None) -> int:
+              cell_timeout: float = 120.0, threads: int = 1, attn_options: dict | None = None,
+              mem_cap_gb: float = 6.0) -> int:
     from formers.attention import attention_class, list_attentions
     names = names or list_attentions()
     for n in names:
@@ -125,13 +134,14 @@ def run_speed(names, lengths, out: str, batch_size: int = 1, scale: float = 1.0,
     rows = []
     for length in lengths:
         for name in names:
-            r = _cell(name, length, batch_size, scale, time_cap, cell_timeout, threads, attn_options or {})
+            r = _cell(name, length, batch_size, scale, time_cap, cell_timeout, threads, attn_options or {}, mem_cap_gb)
             r.update(attention=name, length=length)
             rows.append(r)
             print(f"{name:>14} {length:>6}: {r['status']:<8}"
                   + (f"{r['steps_per_s']:.3f} steps/s  peak {r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'])} MB"
                      if r["status"] == "ok" else r.get("error", "")), flush=True)
-    _write(rows, names, lengths, out, dict(batch_size=batch_size, scale=scale, time_cap=time_cap, threads=threads))
+    _write(rows, names, lengths, out, dict(batch_size=batch_size, scale=scale, time_cap=time_cap, threads=threads,
+                                           mem_cap_gb=mem_cap_gb))
     return 0
 
 
@@ -145,7 +155,9 @@ def _write(rows, names, lengths, out, setup):
     cell = {(r["attention"], r["length"]): r for r in rows}
     md = [f"Training steps/s (forward + backward + AdamW) and peak RSS growth (MB) on the LRA Text config; "
           f"batch {setup['batch_size']}, width scale {setup['scale']}, {setup['threads']} thread(s), "
-          f"time cap {setup['time_cap']} s per cell; (x) = relative to softmax at the same length.", "",
+          f"time cap {setup['time_cap']} s per cell, memory cap {setup['mem_cap_gb']} GB; OOM / TIMEOUT = the cell "
+          f"ran past a cap; (x) = relative to softmax at the same length. Memory = peak RSS growth during the "
+          f"timed steps (/proc VmHWM after clear_refs, one subprocess per cell).", "",
           "| attention | " + " | ".join(f"{n} steps/s" for n in lengths) + " | " + " | ".join(f"{n} MB" for n in lengths) + " |",
           "|---" * (1 + 2 * len(lengths)) + "|"]
     for name in names:
@@ -189,5 +201,6 @@ def _plot(rows, names, path):
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
+    _cap_memory(spec.get("mem_cap_gb", 0))
     print(json.dumps(measure_cell(spec["attention"], spec["length"], spec["batch_size"], spec["scale"],
                                   spec["time_cap"], spec["threads"], spec.get("attn_options"))))
