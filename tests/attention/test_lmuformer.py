@@ -113,3 +113,15 @@ def test_causal_and_padding_appended_at_the_end(spiking):
 def test_bad_mode():
     with pytest.raises(ValueError, match="lmu"):
         build_attention("lmu", dim=16, num_heads=2, max_len=8, mode="chunkwise")
+
+
+def test_ann_cell_formula():
+    """h = ReLU(W_h [m; x]) with the memory used as it is (no activation on m), then 1x1 proj + BN."""
+    torch.manual_seed(0)
+    att = build_attention("lmu", dim=16, num_heads=2, max_len=64).double().eval()
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    u = torch.relu(att.w_u(x))[..., 0]
+    m = att.memory(u)
+    assert (m < 0).any()                                     # a ReLU on m would change these
+    h = torch.relu(att.w_h(torch.cat([m, x], -1)))
+    assert torch.allclose(att(x), att.proj_bn(att.proj(h)), atol=1e-12)

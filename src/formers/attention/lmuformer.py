@@ -5,7 +5,7 @@ The token mixer is a Legendre Memory Unit (Voelker et al. 2019): a scalar u_t = 
 d-dimensional memory theta m'(t) = A m(t) + B u(t) (A, B the Pade delay system, so m holds the last
 theta steps of u in shifted Legendre coordinates), discretised by zero-order hold (dt = 1):
 Ad = expm(A / theta), Bd = (A / theta)^-1 (Ad - I) B / theta; m_t = Ad m_{t-1} + Bd u_t = sum_{j<=t} H_{t-j} u_j
-with H_k = Ad^k Bd; then h_t = f(W_h [m_t; x_t]) and a 1x1 projection + BatchNorm.
+with H_k = Ad^k Bd; then h_t = f(W_h [m_t; x_t]) (f = ReLU, m used as is) and a 1x1 projection + BatchNorm.
 
 What follows the official code (src/blocks/lmu_cell.py LMUFFTCell / SpikingLMUFFTCell, src/blocks/lmu.py
 LMU / SLMU), and where we differ:
@@ -24,6 +24,8 @@ LMU / SLMU), and where we differ:
   is a recurrence (loop over tokens) in both modes. The official forward_recurrent skips the LIF on m;
   ours applies it in both modes so the two forms agree.
 - The LMU is causal by nature: causal=False runs the same causal memory (a token sees only its past).
+  So a CLS token prepended at position 0 sees nothing of the sequence: pool by mean (or the last real
+  token) when a classifier uses this mixer.
 - Padding: u is zeroed at padded positions (they add nothing to the memory), BatchNorm statistics are
   taken over real tokens only, and a LIF neuron keeps its state across a padded step, so padding
   appended at the end never changes the real outputs (padding inside a sequence still counts as elapsed
@@ -180,7 +182,9 @@ class LMUMixer(nn.Module):
         u = self._act(self.w_u(x), mask, getattr(self, "bn_u", None))[..., 0]      # (B, N)
         if mask is not None:
             u = u * mask.to(u.dtype)
-        m = self._act(self.memory(u, mode), mask, getattr(self, "bn_m", None))
+        m = self.memory(u, mode)
+        if self.spiking:                                  # the ANN cell uses the memory as it is
+            m = lif(self.bn_m(m, mask), mask, self.tau, self.v_threshold)
         h = self._act(self.w_h(torch.cat([m, x], -1)), mask, getattr(self, "bn_h", None))
         y = self.proj_bn(self.proj(h), mask)
         if self.spiking:
