@@ -144,6 +144,7 @@ class LMUMixer(nn.Module):
         # derived constants, not parameters or buffers: kept in float64 on the CPU and moved per call
         # (the official stores A, B, H, fft_H as buffers of one fixed length)
         self._ad64, self._bd64 = ad, bd
+        self._h64: torch.Tensor | None = None
         self._fft_h: dict = {}
 
     check = QKVAttention.check
@@ -157,9 +158,13 @@ class LMUMixer(nn.Module):
         """rfft(H, 2n) of the impulse response over n steps: (n + 1, memory_size) complex, cached."""
         key = (n, str(device), dtype)
         if key not in self._fft_h:
-            h = impulse_response(self._ad64, self._bd64, n)
-            self._fft_h[key] = torch.fft.rfft(h, n=2 * n, dim=0).to(device=device, dtype=torch.complex128 if
-                                                                   dtype == torch.float64 else torch.complex64)
+            if self._h64 is None or self._h64.shape[0] < n:          # H for n steps is a prefix of a longer H
+                self._h64 = impulse_response(self._ad64, self._bd64, max(n, self.max_len))
+            if len(self._fft_h) >= 8:                                # a few lengths at a time
+                self._fft_h.pop(next(iter(self._fft_h)))
+            spec = torch.fft.rfft(self._h64[:n], n=2 * n, dim=0)
+            self._fft_h[key] = spec.to(device=device, dtype=torch.complex128 if dtype == torch.float64
+                                       else torch.complex64)
         return self._fft_h[key]
 
     def memory(self, u: torch.Tensor, mode: str | None = None) -> torch.Tensor:
