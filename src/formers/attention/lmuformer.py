@@ -123,6 +123,8 @@ class MaskedBatchNorm(nn.BatchNorm1d):
 
 @register_attention("lmu")
 class LMUMixer(nn.Module):
+    causal_only = True       # every token sees only its past, whatever `causal` says: a classifier should
+                             # pool by mean or read the last token, not a CLS token prepended at position 0
     def __init__(self, dim, num_heads, max_len, causal=False, dropout=0.0, memory_size: int | None = None,
                  theta: float | None = None, mode: str = "parallel", spiking: bool = False,
                  tau: float = 2.0, v_threshold: float = 1.0):
