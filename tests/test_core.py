@@ -134,7 +134,8 @@ def test_cli_list_info_papers(capsys):
     assert line[-2] == "4.5" and abs(float(line[-1]) - 4.49) < 0.01
     assert cli_main(["papers"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len([l for l in out if l[:3].strip().isdigit()]) == 77
+    assert len([l for l in out if l[:3].strip().isdigit() and l[3:5] == "  "]) == 77
+    assert out[-1].endswith("of 77 papers implemented")
 
 
 def test_cli_bad_name_is_one_line_and_exit_2():
