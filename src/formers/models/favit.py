@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from formers.layers import DropPath, PatchEmbed, drop_path_rates, feature_take_indices, sdpa, to_2tuple
-from formers.models.base import Backbone
+from formers.layers import DropPath, PatchEmbed, drop_path_rates, sdpa, to_2tuple
+from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
 
 __all__ = ["FactorizationTransformer", "FactorizationAttention", "reflect_pad", "checkpoint_filter_fn"]
@@ -305,14 +305,7 @@ class FactorizationTransformer(Backbone):
         if output_fmt != "NCHW":
             raise ValueError(f"{getattr(self, 'model_name', 'favit')}: output_fmt must be 'NCHW', got {output_fmt!r}")
         self.check_input(x)
-        take, last = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
-        feats = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                feats.append(x)
-        return feats if intermediates_only else (x, feats)
+        return stage_intermediates(self.stages, x, indices, stop_early, intermediates_only)
 
 
 _STAGED = re.compile(r"^(patch_embed|block|norm)(\d+)\.(.*)$")
