@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from formers.attention import list_attentions
+from formers.attention import attention_class, list_attentions
 from formers.lra.cli import lr_factor
 from formers.lra.model import TASK_CONFIGS, build_model, sinusoidal_table, task_config
 
@@ -44,6 +44,8 @@ def test_two_tower_retrieval_and_mean_pooling(name):
         u = pair.encoder(x[0, 1:, :25], torch.ones(1, 25, dtype=torch.bool))
         both = pair.encoder(x[0], x[0] != 0)
     assert out.shape == (2, 2) and not torch.allclose(out, swapped)   # [u, v, u*v, u-v] is ordered
+    # a mixer that only looks back would never inform a prepended CLS token: the model mean-pools instead
+    assert pair.cfg.pool == ("mean" if getattr(attention_class(name), "causal_only", False) else "cls")
     torch.testing.assert_close(both[1], u[0], atol=1e-4, rtol=1e-4)
     pf = build_model("pathfinder32", name, vocab_size=256, max_len=64, num_classes=2).eval()
     assert pf.encoder.cls is None and pf.cfg.pool == "mean"

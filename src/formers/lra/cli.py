@@ -203,7 +203,7 @@ def train_cell(task: str, attention: str, steps=None, seq_len=None, batch_size=N
     summary = dict(
         task=task, attention=attention, substitute=data.substitute, data=data.source,
         steps=steps, seq_len=data.seq_len, batch_size=bs, params=params, scale=scale,
-        config=config_dict(cfg), attn_options=attn_options or {},
+        config=config_dict(model.cfg), attn_options=attn_options or {},
         train_examples=n, test_examples=len(data.y_test),
         train_acc=accuracy(model, data, data.x_train, data.y_train, eval_bs, limit=1000),
         val_acc=accuracy(model, data, data.x_val, data.y_val, eval_bs),

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from formers.attention import build_attention
+from formers.attention import attention_class, build_attention
 from formers.layers.mlp import Mlp
 
 __all__ = ["LRAConfig", "TASK_CONFIGS", "task_config", "LRAModel", "LRAEncoder", "build_model"]
@@ -104,10 +104,14 @@ class Block(nn.Module):
 
 
 class LRAEncoder(nn.Module):
-    """Tokens (B, N) -> pooled features (B, dim). mask (B, N) bool, True = real token, or None."""
+    """Tokens (B, N) -> pooled features (B, dim). mask (B, N) bool, True = real token, or None.
+    A mixer that declares `causal_only` (each token sees only its past) would never inform a CLS token
+    prepended at position 0, so with such a mixer CLS pooling becomes mean pooling."""
 
     def __init__(self, attention: str, cfg: LRAConfig, vocab_size: int, max_len: int, attn_options: dict | None = None):
         super().__init__()
+        if cfg.pool == "cls" and getattr(attention_class(attention), "causal_only", False):
+            cfg = replace(cfg, pool="mean")
         self.cfg, self.max_len = cfg, max_len
         self.embed = nn.Embedding(vocab_size, cfg.dim)
         nn.init.normal_(self.embed.weight, std=1.0)
@@ -153,8 +157,8 @@ class LRAModel(nn.Module):
     def __init__(self, attention: str, cfg: LRAConfig, vocab_size: int, max_len: int, num_classes: int,
                  pair: bool = False, interaction: str = "nli", attn_options: dict | None = None):
         super().__init__()
-        self.cfg, self.pair, self.interaction, self.attention = cfg, pair, interaction, attention
         self.encoder = LRAEncoder(attention, cfg, vocab_size, max_len, attn_options)
+        self.cfg, self.pair, self.interaction, self.attention = self.encoder.cfg, pair, interaction, attention
         if pair:
             if interaction not in ("nli", "concat"):
                 raise ValueError(f"interaction must be 'nli' or 'concat', got {interaction!r}")
