@@ -171,7 +171,8 @@ def list_papers() -> list[dict]:
 
 def _paper_components() -> list[tuple[int, str]]:
     """Papers implemented as something other than a registered model: a module of
-    formers.transforms or formers.attention that declares `PAPER = <catalog id>`."""
+    formers.transforms or formers.attention that declares `PAPER = <catalog id>`, and the
+    Long Range Arena benchmark itself (formers.lra)."""
     import importlib
     import pkgutil
     found = []
@@ -185,4 +186,7 @@ def _paper_components() -> list[tuple[int, str]]:
             for one in (pid if isinstance(pid, (list, tuple)) else [pid]):
                 if one is not None:
                     found.append((int(one), prefix + m.name))
+    lra = importlib.import_module("formers.lra")
+    if getattr(lra, "PAPER", None) is not None:
+        found.append((int(lra.PAPER), "formers lra (benchmark)"))
     return sorted(found)
