@@ -18,13 +18,14 @@ from formers.transforms.fusegpt import (FuseLinear, _delete_block, _group, block
 
 torch.set_num_threads(1)
 
-MODELS = {"swin_demo": 32, "t2t_vit_demo": 32, "tnt_demo": None}
+PVT_SMALL = dict(img_size=32, patch_size=2, embed_dims=(16, 24, 32, 48), num_heads=(1, 2, 2, 4),
+                 mlp_ratios=(4, 4, 4, 2))
+MODELS = {"swin_demo": dict(img_size=32), "t2t_vit_demo": dict(img_size=32), "tnt_demo": {}, "pvt_tiny": PVT_SMALL}
 
 
 def build(name, seed=0):
     torch.manual_seed(seed)
-    kw = {"img_size": MODELS[name]} if MODELS[name] else {}
-    m = formers.create_model(name, num_classes=10, **kw).eval()
+    m = formers.create_model(name, num_classes=10, **MODELS[name]).eval()
     with torch.no_grad():   # break the symmetries of a fresh init (zero biases, unit norms)
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -94,12 +94,13 @@ def main(argv=None):
             m = fusegpt(copy.deepcopy(model), calib, remove=k, fuse=fuse, epochs=epochs, lr=args.base_lr,
                         coef_lr=args.coef_lr, rank=args.rank, log=log.append)
             v = evaluate(m, val)
-            rows.append(dict(setting=f"-{k}: {name}", blocks=len(m.blocks), params=sum(q.numel() for q in m.parameters()),
-                             val_loss=v, removed=[d["removed"][1] for d in log], seconds=round(time.time() - t0, 1)))
+            rows.append(dict(setting=f"-{k}: {name}", blocks=len(m.blocks), val_loss=v,
+                             params=sum(q.numel() for q in m.parameters()),
+                             removed=[d["removed"][1] for d in log], seconds=round(time.time() - t0, 1)))
     print(f"{'setting':38s} {'blocks':>6s} {'params':>9s} {'val loss':>9s} {'ppl':>7s}  removed")
     for r in rows:
-        print(f"{r['setting']:38s} {r['blocks']:6d} {r['params']:9d} {r['val_loss']:9.4f} {math.exp(r['val_loss']):7.3f}"
-              f"  {r.get('removed', '')}")
+        print(f"{r['setting']:38s} {r['blocks']:6d} {r['params']:9d} {r['val_loss']:9.4f} "
+              f"{math.exp(r['val_loss']):7.3f}  {r.get('removed', '')}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(args=vars(args), steps=steps, rows=rows), f, indent=1)

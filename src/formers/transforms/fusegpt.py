@@ -330,7 +330,8 @@ def _loss(out, target, kind: str):
     if kind == "mse":
         return sum(F.mse_loss(a, b) for a, b in pairs) / len(pairs)
     if kind == "kl":
-        return sum(F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="batchmean") for a, b in pairs) / len(pairs)
+        return sum(F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="batchmean")
+                   for a, b in pairs) / len(pairs)
     raise ValueError(f"fusegpt: loss must be 'mse' or 'kl', not {kind!r}")
 
 
@@ -397,21 +398,19 @@ def fusegpt(model: nn.Module, batches, remove: int = 1, fuse: bool = True, group
         frozen = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        fused = fuse_group(kept, victim, rank, lora_rank)
+        fuse_group(kept, victim, rank, lora_rank)
         coef, base = [], []
         for blk in kept:
             for name, p in blk.named_parameters():
                 if name.endswith(".weight") and isinstance(blk.get_submodule(name.rpartition(".")[0]), FuseLinear):
                     continue    # the frozen linear weight itself
                 if name.rpartition(".")[2] in ("coef_A", "coef_B", "coef_bias"):
-                    (coef if fuse else []).append(p)
-                    p.requires_grad_(fuse)
+                    if fuse:        # plain removal: the injected term stays at zero
+                        p.requires_grad_(True)
+                        coef.append(p)
                     continue
                 p.requires_grad_(True)
                 base.append(p)
-        if not fuse:    # plain removal: the injected term stays at zero
-            for f in fused:
-                f.coef_A.requires_grad_(False)
         _delete_block(model, path, index)
         before = _group_loss(kept, data, loss)
         history = _finetune(kept, data, coef, base, epochs, lr, coef_lr, loss)
