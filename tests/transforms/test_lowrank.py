@@ -1,5 +1,6 @@
 """Greenformers low-rank factorisation: exact at full rank, energy and budget rank choices, reload, CLI, objective."""
 import copy
+import json
 
 import pytest
 import torch
@@ -137,6 +138,13 @@ def test_cli_writes_a_file_that_reloads(tmp_path):
     assert type(loaded.head) is nn.Linear and n_params(loaded) == n_params(expect) < n_params(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(_x()), expect(_x()), atol=0, rtol=0)
+    # `formers eval` rebuilds the factorised structure from the file's records before loading the weights
+    # (before, it built the plain model and the strict load refused the factor keys)
+    rc = main(["eval", "swin_demo", "--checkpoint", str(out), "--dataset", "digits", "--limit-test", "64",
+               "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    result = json.loads(next((tmp_path / "eval").glob("*.json")).read_text())
+    assert result["n"] == 64 and result["img_size"] == 32 and sum(map(sum, result["confusion"])) == 64
 
 
 def test_objective_factorises_the_checkpoint(tmp_path):

@@ -84,8 +84,13 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
     check_model(model_name, num_classes, in_chans, size, kwargs)
     mean, std = (meta["mean"], meta["std"]) if "mean" in meta else channel_stats(data_set.x_train)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = formers.create_model(model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
-                                 checkpoint=checkpoint, **kwargs).to(dev)
+    if meta.get("transforms"):   # written by `formers transform`: rebuild the changed structure first
+        from formers.transforms import load
+        model = load(checkpoint, model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
+                     **kwargs).to(dev)
+    else:
+        model = formers.create_model(model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
+                                     checkpoint=checkpoint, **kwargs).to(dev)
     tf = BatchTransform(mean, std, in_chans)
     x, y = (data_set.x_test, data_set.y_test) if split == "test" else (data_set.x_train, data_set.y_train)
     res = evaluate(model, x, y, tf, num_classes, batch_size, dev, precision)
