@@ -156,3 +156,12 @@ def test_cached_masks_from_inference_mode_do_not_break_training(name):
     model(x).sum().backward()
     assert torch.isfinite(ref).all()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_release_state_dict_opens_wrappers_and_drops_module_prefix():
+    from formers.checkpoint import release_state_dict
+    t = torch.zeros(1)
+    assert release_state_dict({"model": {"module.a.weight": t, "b": t}, "epoch": 3}) == {"a.weight": t, "b": t}
+    assert list(release_state_dict({"state_dict_ema": {"module.x": t}})) == ["x"]
+    ours = {"stages.0.weight": t, "head.bias": t}
+    assert release_state_dict(ours) == ours

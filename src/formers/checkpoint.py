@@ -66,6 +66,18 @@ def _unwrap(obj, use_ema: bool, path: str) -> dict:
     return tensors
 
 
+def release_state_dict(state_dict: dict) -> dict:
+    """A release file's dict as checkpoint_filter_fn works on it: the first wrapper it carries
+    (`model`, `state_dict`, ..., `state_dict_ema`) opened, and a DataParallel `module.` prefix removed
+    from every key that has one. Our own state dicts pass unchanged. read_state_dict does this for
+    files; filters call it so that a dict from a plain torch.load works too."""
+    for key in _WRAPPERS + ("state_dict_ema",):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
 def _adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Map a conv weight made for weight.shape[1] channels to in_chans (as timm's adapt_input_conv)."""
     c = weight.shape[1]

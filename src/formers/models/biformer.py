@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices, to_2tuple
@@ -308,12 +309,9 @@ def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
     wrapper, should a checkpoint have been saved through one) and a `module.` prefix are dropped. There are no position tables, so nothing depends on the input size.
     timm has no BiFormer, so there is no third format.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         k = k.replace("_checkpoint_wrapped_module.", "")
         down = _OFFICIAL_DOWN.match(k)
         block = _OFFICIAL_BLOCK.match(k)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers import DropPath, PatchEmbed, drop_path_rates, sdpa, to_2tuple
 from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
@@ -325,12 +326,9 @@ def checkpoint_filter_fn(state_dict: dict, model: FactorizationTransformer) -> d
     mlp.dwconv.dwconv -> mlp.dwconv. head.* is unchanged. The official model has no buffers and no
     position tables, so nothing depends on the input size. timm has no FaViT.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         m = _STAGED.match(k)
         if m:
             kind, i, rest = m.groups()

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, feature_take_indices, resample_pos_embed,
                             sdpa, to_2tuple)
 from formers.models.base import Backbone, init_trunc_normal
@@ -261,13 +262,10 @@ def checkpoint_filter_fn(state_dict: dict, model: PyramidVisionTransformer) -> d
     keep their names. Position tables are resized (bilinear, cls entry kept) when the model was
     built for another input size than the checkpoint; the checkpoint's grids are assumed square.
     """
-    if "state_dict" in state_dict or "model" in state_dict:
-        state_dict = state_dict.get("model", state_dict.get("state_dict"))
+    state_dict = release_state_dict(state_dict)
     last = len(model.stages) - 1
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         staged = _OFFICIAL_STAGED.match(k)
         if k == "cls_token":
             k = f"stages.{last}.cls_token"

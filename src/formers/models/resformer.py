@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, PatchEmbed, drop_path_rates, sdpa
 from formers.models.base import TokenBackbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
@@ -169,12 +170,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ResFormer) -> dict:
     (cls_token, patch_embed.proj, blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm, head).
     There is no position table to resize: the global embedding is computed for each input size.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         if k.startswith("head_res") or k.startswith("pre_logits"):
             continue    # unused in the released models (None / Identity)
         for old, new in _OFFICIAL_RENAMES:

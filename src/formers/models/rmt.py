@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices, to_2tuple
@@ -414,16 +415,11 @@ def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
     layers.{i}.downsample.{reduction,norm} -> stages.{i+1}.downsample.{conv,bn};
     layers.{i}.Relpos.{angle,decay} are dropped (recomputed); proj, norm, head keep their names.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    elif "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]
-    if not any(k.startswith(("layers.", "patch_embed.")) or k.startswith("module.layers.") for k in state_dict):
+    state_dict = release_state_dict(state_dict)
+    if not any(k.startswith(("layers.", "patch_embed.")) for k in state_dict):
         return dict(state_dict)  # already ours
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         new = _rename_official(k)
         if new is None:
             continue

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, drop_path_rates, feature_take_indices
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
@@ -443,12 +444,9 @@ def checkpoint_filter_fn(state_dict: dict, model: SparseFormer) -> dict:
     (norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2, adaptive_mixing.*, roi_offset_module.*,
     roi_offset_bias, roi_adjust_module.*, pe_transition.*) and norm.* are the same.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         for old, new in _RENAMES:
             if k.startswith(old):
                 k = new + k[len(old):]

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers import DropPath, Mlp, Scale, sdpa, to_2tuple
 from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
@@ -317,12 +318,9 @@ def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
     pos_embed, patch_embed.*, norm.*, head.* keep their names. A position map made for another grid
     is resized bicubically. timm has no SReT.
     """
-    if "model" in state_dict or "state_dict" in state_dict:
-        state_dict = state_dict.get("model", state_dict.get("state_dict"))
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         block, pool = _BLOCK.match(k), _POOL.match(k)
         if block:
             s, i, rest = int(block.group(1)), int(block.group(2)), block.group(3)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, drop_path_rates, feature_take_indices, sdpa
 from formers.layers.mlp import DWConvMlp
 from formers.layers.wavelets import DTCWT
@@ -304,13 +305,10 @@ def checkpoint_filter_fn(state_dict: dict, model: SVT) -> dict:
     is resized (bilinear) when the model was built for another input size; an aux_head of another class
     count is left at the model's init, as the loader does for head.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     last = len(model.stages)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         if ".attn.xfm." in k or ".attn.ifm." in k:
             continue
         m = _OFFICIAL.match(k)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, resample_pos_embed, sdpa, to_2tuple
 from formers.models.base import TokenBackbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
@@ -278,12 +279,9 @@ def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
     position table made for another grid is resized bicubically (cls entry kept), as the official
     loader does. timm has no T2T-ViT.
     """
-    if "state_dict_ema" in state_dict or "state_dict" in state_dict or "model" in state_dict:
-        state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict.get("state_dict_ema")))
+    state_dict = release_state_dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
         if k.startswith("tokens_to_token.attention"):
             k = k.replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.2.", ".mlp.fc2.")
         out[k] = v

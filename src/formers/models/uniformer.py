@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from formers.checkpoint import release_state_dict
 from formers.layers.attention import Attention, sdpa
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices
@@ -470,13 +471,11 @@ def checkpoint_filter_fn(state_dict: dict, model: UniFormer) -> dict:
     only. Those releases also use head_dim 32 for S/S-dagger/B (`*_dim64` ones use 64): the checkpoint
     cannot tell, so build the model with the matching `head_dim`.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = release_state_dict(state_dict)
     if any(k.startswith("stages.") for k in state_dict):
         return state_dict
     out, aux = {}, []
     for k, v in state_dict.items():
-        k = k[len("module."):] if k.startswith("module.") else k
         if k.startswith("aux_head."):
             aux.append(k)
             continue
