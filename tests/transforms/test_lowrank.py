@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import formers
+from formers.layers import Linear
 from formers.cli import main
 from formers.train.objectives import build_objective
 from formers.transforms import LowRankLinear, TransformError, load, low_rank
@@ -45,7 +46,7 @@ def test_factors_are_the_truncated_svd():
 def test_full_rank_is_exact(name):
     model = build(name)
     x = _x()
-    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    n_linear = sum(type(m) in (nn.Linear, Linear) for m in model.modules())
     with torch.no_grad():
         ref = model(x)
         out = low_rank(copy.deepcopy(model), rank=10 ** 6, only_if_smaller=False)
@@ -91,7 +92,7 @@ def _kept_energy(model, out):
     ranks = applied_transforms(out)[-1]["spec"]["ranks"]
     total = 0.0
     for name, m in model.named_modules():
-        if type(m) is nn.Linear:
+        if type(m) in (nn.Linear, Linear):
             s2 = singular_values(m) ** 2
             total += float(s2[:ranks.get(name, len(s2))].sum() / s2.sum())
     return total

@@ -1,5 +1,6 @@
 """Parts shared by two or more models."""
-from .activations import SquaredReLU, StarReLU
+from .linear import Linear, linear  # first: the modules below use it
+from .activations import SquaredReLU, StarReLU, apply_act
 from .attention import Attention, sdpa
 from .drop import DropPath, drop_path_rates
 from .helpers import cached_constant, check_image_input, feature_take_indices, to_2tuple
@@ -8,7 +9,7 @@ from .mlp import ConvMlp, Mlp
 from .norms import ChannelLayerNorm, CRMSNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
 from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed
-from .scale import Scale
+from .scale import Scale, add_residual
 from .transformer_block import TransformerBlock
 from .windows import (relative_position_bias, relative_position_index, window_attention_mask,
                       window_partition, window_region_ids, window_reverse)

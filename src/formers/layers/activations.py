@@ -3,7 +3,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["StarReLU", "SquaredReLU"]
+__all__ = ["StarReLU", "SquaredReLU", "apply_act"]
+
+
+class _StarReLUFn(torch.autograd.Function):
+    """s * relu(x)^2 + b in one output buffer (eager autograd would keep three full-size temporaries
+    alive, and on a CPU each fresh buffer of a large map costs its page faults); backward recomputes
+    relu(x) from the saved input."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bias):
+        ctx.save_for_backward(x, scale)
+        out = torch.relu(x)
+        return out.square_().mul_(scale).add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        r = torch.relu(x)
+        grad_x = grad_scale = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * r * (2 * scale)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * r.square()).sum().reshape(scale.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum().reshape(scale.shape)
+        return grad_x, grad_scale, grad_bias
 
 
 class StarReLU(nn.Module):
@@ -15,9 +40,24 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.tensor([bias]), requires_grad=learnable)
 
     def forward(self, x):
-        return self.scale * F.relu(x).square() + self.bias
+        if x.dtype != self.scale.dtype or torch.compiler.is_compiling():  # autocast, or inductor fuses it anyway
+            return self.scale * F.relu(x).square() + self.bias
+        return _StarReLUFn.apply(x, self.scale, self.bias)
 
 
 class SquaredReLU(nn.Module):
     def forward(self, x):
         return F.relu(x).square()
+
+
+def apply_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(x); with autograd off, in place on x for GELU, ReLU and StarReLU (x must be a fresh
+    intermediate, e.g. an MLP's fc1 output), which spares one large allocation per call."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if type(act) is nn.GELU:
+            return torch.ops.aten.gelu_(x, approximate=act.approximate)
+        if type(act) is nn.ReLU:
+            return x.relu_()
+        if type(act) is StarReLU and x.dtype == act.scale.dtype:
+            return x.relu_().square_().mul_(act.scale).add_(act.bias)
+    return act(x)

@@ -2,6 +2,8 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import Linear
+
 __all__ = ["Attention", "sdpa"]
 
 
@@ -24,9 +26,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         inner = num_heads * self.head_dim
         self.scale = scale  # None: head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * inner, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.proj = Linear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, bias=None):

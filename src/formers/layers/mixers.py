@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activations import StarReLU
+from .activations import StarReLU, apply_act
+from .linear import Linear
 
 __all__ = ["Pooling", "SepConv", "RandomMixing", "IdentityMixer"]
 
@@ -39,14 +40,14 @@ class SepConv(nn.Module):
                  bias: bool = False, kernel_size: int = 7, padding: int = 3, **kwargs):
         super().__init__()
         mid = int(expansion_ratio * dim)
-        self.pwconv1 = nn.Linear(dim, mid, bias=bias)
+        self.pwconv1 = Linear(dim, mid, bias=bias)
         self.act1 = act1_layer()
         self.dwconv = nn.Conv2d(mid, mid, kernel_size, padding=padding, groups=mid, bias=bias)
         self.act2 = act2_layer()
-        self.pwconv2 = nn.Linear(mid, dim, bias=bias)
+        self.pwconv2 = Linear(mid, dim, bias=bias)
 
     def forward(self, x):
-        x = self.act1(self.pwconv1(x))
+        x = apply_act(self.act1, self.pwconv1(x))
         x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.pwconv2(self.act2(x))
 

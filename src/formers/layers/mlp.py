@@ -1,6 +1,9 @@
 """Feed-forward blocks."""
 import torch.nn as nn
 
+from .activations import apply_act
+from .linear import Linear
+
 __all__ = ["Mlp", "ConvMlp", "DWConvMlp"]
 
 
@@ -10,14 +13,14 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act_layer=nn.GELU,
                  bias: bool = True, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc1 = Linear(dim, hidden, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+        self.fc2 = Linear(hidden, out_dim or dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(apply_act(self.act, self.fc1(x)))))
 
 
 class ConvMlp(nn.Module):
@@ -41,10 +44,10 @@ class DWConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act_layer=nn.GELU, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.fc2 = Linear(hidden, out_dim or dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):

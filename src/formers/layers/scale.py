@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-__all__ = ["Scale"]
+__all__ = ["Scale", "add_residual"]
 
 
 class Scale(nn.Module):
@@ -19,3 +19,16 @@ class Scale(nn.Module):
 
     def extra_repr(self):
         return f"dim={self.scale.shape[0]}, channels_last={self.channels_last}"
+
+
+def add_residual(x: torch.Tensor, y: torch.Tensor, scale: nn.Module | None = None) -> torch.Tensor:
+    """x + y, or scale(x) + y for a `Scale` (ResScale). `y` must be a branch output nothing else holds:
+    with autograd off it is updated in place, saving a full-size buffer per block (on a CPU, the page
+    faults of a fresh large allocation cost as much as the add itself); with autograd on, the scaled form
+    is one addcmul instead of a multiply and an add."""
+    gamma = None
+    if isinstance(scale, Scale):
+        gamma = scale.scale if scale.channels_last else scale.scale[:, None, None]
+    if not torch.is_grad_enabled() and y.shape == x.shape and y.dtype == torch.promote_types(x.dtype, y.dtype):
+        return y.add_(x) if gamma is None else y.addcmul_(x, gamma)
+    return x + y if gamma is None else torch.addcmul(y, x, gamma)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from formers.layers import (Attention, ChannelLayerNorm, DropPath, IdentityMixer, LayerNormNoBias, Mlp, Pooling,
-                            RandomMixing, Scale, SepConv, SquaredReLU, StarReLU, check_image_input,
+                            RandomMixing, Scale, SepConv, SquaredReLU, StarReLU, add_residual, check_image_input,
                             drop_path_rates, feature_take_indices, to_2tuple)
 from formers.models.base import Backbone
 from formers.registry import ModelCard, register_model
@@ -89,8 +89,8 @@ class MetaFormerBlock(nn.Module):
         self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
 
     def forward(self, x):
-        x = self.res_scale1(x) + self.drop_path1(self.token_mixer(self.norm1(x)))
-        return self.res_scale2(x) + self.drop_path2(self.mlp(self.norm2(x)))
+        x = add_residual(x, self.drop_path1(self.token_mixer(self.norm1(x))), self.res_scale1)
+        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.res_scale2)
 
 
 class MetaFormerStage(nn.Module):

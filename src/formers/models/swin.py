@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from formers.layers import (DropPath, cached_constant, Mlp, PatchEmbed, drop_path_rates, relative_position_bias,
-                            relative_position_index, sdpa, window_attention_mask, window_partition,
+from formers.layers import (DropPath, Linear, Mlp, PatchEmbed, add_residual, cached_constant, drop_path_rates,
+                            relative_position_bias, relative_position_index, sdpa, window_attention_mask, window_partition,
                             window_region_ids, window_reverse)
 from formers.registry import ModelCard, register_model
 
@@ -35,8 +35,8 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -99,8 +99,8 @@ class SwinBlock(nn.Module):
         return x[:, :h, :w] if (hp > h or wp > w) else x
 
     def forward(self, x):
-        x = x + self.drop_path(self._attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = add_residual(x, self.drop_path(self._attention(self.norm1(x))))
+        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
 class PatchMerging(nn.Module):
@@ -109,7 +109,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim or 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, out_dim or 2 * dim, bias=False)
 
     def forward(self, x):
         b, h, w, c = x.shape

@@ -18,6 +18,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from formers.layers import Linear
+
 __all__ = ["FFNSite", "find_ffns", "cut_ffn", "set_ffn_widths"]
 
 
@@ -104,7 +106,7 @@ def _narrow(layer: nn.Module, idx: torch.Tensor, side: str) -> nn.Module:
     w, b = layer.weight, layer.bias
     kw = dict(device=w.device, dtype=w.dtype)
     if isinstance(layer, nn.Linear):
-        new = nn.Linear(n if side == "in" else layer.in_features, n if side == "out" else layer.out_features,
+        new = Linear(n if side == "in" else layer.in_features, n if side == "out" else layer.out_features,
                         bias=b is not None, **kw)
     else:
         cin = n if side in ("in", "both") else layer.in_channels

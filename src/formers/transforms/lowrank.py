@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
+from formers.layers import Linear
 from formers.train.objectives import Objective, register_objective
 
 from .base import TransformError, model_name, record_transform, register_transform
@@ -46,8 +47,8 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.down = Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -81,7 +82,7 @@ class LowRankLinear(nn.Module):
 def _selected(model: nn.Module, include, exclude) -> dict[str, nn.Linear]:
     inc = [include] if isinstance(include, str) else list(include or ["*"])
     exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, Linear)
             and any(fnmatch.fnmatchcase(n, p) for p in inc) and not any(fnmatch.fnmatchcase(n, p) for p in exc)}
 
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch.nn as nn
 import torch.nn.functional as F
 
+from formers.layers import Linear
 from formers.train.objectives import Objective, register_objective
 
 from ._ffn import cut_ffn, find_ffns, set_ffn_widths
@@ -78,7 +79,7 @@ class NestedConv2d(nn.Conv2d):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
 
 
-_NESTED = {nn.Linear: NestedLinear, nn.Conv2d: NestedConv2d}
+_NESTED = {nn.Linear: NestedLinear, Linear: NestedLinear, nn.Conv2d: NestedConv2d}
 
 
 def _sites(model: nn.Module):
