@@ -152,6 +152,8 @@ def test_cli_table_and_csv_columns(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["formers", "timm"]
     assert float(rows[0]["infer_ratio"]) > 0 and rows[1]["infer_ratio"] == ""
     assert rows[0]["precision"] == "fp32" and rows[0]["compiled"] == "False" and rows[0]["infer_img_size"] == "64"
+    png = tmp_path / "runs" / "b.png"  # ours beside the peer's, next to the CSV
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_csv_columns_both_modes_follow_timm_then_ours():

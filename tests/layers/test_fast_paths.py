@@ -78,3 +78,27 @@ def test_add_residual(scaled):
     nchw = Scale(6, 0.5, channels_last=False)
     a, b = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
     torch.testing.assert_close(add_residual(a, b, nchw), a * 0.5 + b)
+
+
+def test_fast_paths_trace_into_one_graph_under_torch_compile():
+    """Under torch.compile the fast paths step aside (inductor fuses and packs on its own) without a
+    graph break: a break would compile Linear.forward per shape and hit dynamo's recompile limit."""
+    import torch._dynamo
+
+    from formers.layers import Mlp
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Mlp(16, 32, act_layer=StarReLU)
+            self.gelu_mlp = Mlp(16, 32)
+            self.scale = Scale(16)
+
+        def forward(self, x):
+            x = add_residual(x, self.mlp(x), self.scale)
+            return add_residual(x, self.gelu_mlp(x))
+
+    x = torch.randn(2, 300, 16)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(Block())(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

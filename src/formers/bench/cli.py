@@ -10,7 +10,7 @@ import torch
 
 from .harness import BenchError, benchmark, csv_columns
 from .machine import cache_path, machine_limits
-from .report import format_table, plot_sweep, write_csv
+from .report import format_table, plot_peer, plot_sweep, write_csv
 
 __all__ = ["add_parser", "run"]
 
@@ -100,6 +100,10 @@ def run(args) -> int:
         plot = args.plot or (os.path.splitext(args.out)[0] + "_sweep.png" if args.out else "bench_sweep.png")
         plot_sweep(rows, plot, mode=modes[0])
         print(f"wrote {plot}")
+    elif args.peer and (args.out or args.plot):
+        plot = args.plot or os.path.splitext(args.out)[0] + ".png"
+        plot_peer(rows, plot, modes)
+        print(f"wrote {plot}")
     return 0
 
 
@@ -132,7 +136,9 @@ def add_parser(subparsers):
                    help="the same, for the peer's model only")
     p.add_argument("--sweep", default=None, metavar="img-size=S1,S2,...",
                    help="benchmark at each image size and plot img/s and memory against tokens")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="where --sweep puts its plot")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="where the plot goes (--sweep: img/s and memory against tokens; --peer: ours beside "
+                        "the peer's); default: beside --out")
     p.add_argument("--machine", action="store_true",
                    help="measure this machine's fp32/bf16 matmul limits now and cache them")
     p.add_argument("--peak", action="store_true",

@@ -1,10 +1,11 @@
-"""The outputs of a benchmark: an aligned text table, a CSV in timm's column style, a sweep plot."""
+"""The outputs of a benchmark: an aligned text table, a CSV in timm's column style, a sweep plot and a
+side-by-side plot of ours against the peer."""
 from __future__ import annotations
 
 import csv
 import os
 
-__all__ = ["format_table", "write_csv", "plot_sweep"]
+__all__ = ["format_table", "write_csv", "plot_sweep", "plot_peer"]
 
 
 def _num(v, fmt: str) -> str:
@@ -58,15 +59,57 @@ def write_csv(rows: list[dict], path: str, columns: list[str]) -> str:
     return path
 
 
-def plot_sweep(rows: list[dict], path: str, mode: str = "infer") -> str:
-    """img/s and peak memory against stage-1 tokens, one line per model and impl (log-log)."""
+def _pyplot(option: str):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         from .harness import BenchError
-        raise BenchError(f"--sweep plots with matplotlib (pip install matplotlib): {e}") from None
+        raise BenchError(f"{option} plots with matplotlib (pip install matplotlib): {e}") from None
+    return plt
+
+
+def _save(fig, plt, path: str) -> str:
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_peer(rows: list[dict], path: str, modes=("infer",)) -> str:
+    """Bars of img/s, ours beside the peer's, per model; one panel per mode, the ratio above each pair."""
+    plt = _pyplot("--peer")
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+    first = rows[0] if rows else {}
+    for ax, mode in zip(axes[0], modes):
+        key = f"{mode}_samples_per_sec"
+        models = list(dict.fromkeys(r["model"] for r in rows if key in r))
+        for i, model in enumerate(models):
+            for r in rows:
+                if r["model"] != model or key not in r:
+                    continue
+                ours = r["impl"] != first.get("peer")
+                ax.bar(i + (-0.2 if ours else 0.2), r[key], 0.4, color="tab:blue" if ours else "tab:gray",
+                       label=(r["impl"] if i == 0 else None))
+                if ours and r.get(f"{mode}_ratio"):
+                    ax.text(i - 0.2, r[key], f"x{r[f'{mode}_ratio']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([m.replace("_patch4_window7_224", "") for m in models], rotation=20, fontsize=8)
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{mode}, batch {first.get(f'{mode}_batch_size', '?')}, {first.get('precision', '')}, "
+                     f"{'compiled' if first.get('compiled') else 'eager'}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_sweep(rows: list[dict], path: str, mode: str = "infer") -> str:
+    """img/s and peak memory against stage-1 tokens, one line per model and impl (log-log)."""
+    plt = _pyplot("--sweep")
     lines: dict[str, list] = {}
     for r in rows:
         if f"{mode}_samples_per_sec" in r:
@@ -92,9 +135,4 @@ def plot_sweep(rows: list[dict], path: str, mode: str = "infer") -> str:
     axes[1].set_title("memory")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)

@@ -40,7 +40,7 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.tensor([bias]), requires_grad=learnable)
 
     def forward(self, x):
-        if x.dtype != self.scale.dtype or torch.compiler.is_compiling():  # autocast, or inductor fuses it anyway
+        if torch.compiler.is_compiling() or x.dtype != self.scale.dtype:  # inductor fuses it anyway; autocast
             return self.scale * F.relu(x).square() + self.bias
         return _StarReLUFn.apply(x, self.scale, self.bias)
 

@@ -23,9 +23,11 @@ MIN_ROWS = 256  # below this many rows (e.g. a classifier head) aten's GEMM is a
 
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # first: nothing below becomes a guard or a graph break
+        return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1] and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

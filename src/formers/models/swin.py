@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from formers.layers import (DropPath, Linear, Mlp, PatchEmbed, add_residual, cached_constant, drop_path_rates,
-                            relative_position_bias, relative_position_index, sdpa, window_attention_mask, window_partition,
-                            window_region_ids, window_reverse)
+                            relative_position_bias, relative_position_index, sdpa, window_attention_mask,
+                            window_partition, window_region_ids, window_reverse)
 from formers.registry import ModelCard, register_model
 
 from .base import ChannelsLastPyramid, Stage, init_trunc_normal
