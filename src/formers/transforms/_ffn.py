@@ -107,7 +107,7 @@ def _narrow(layer: nn.Module, idx: torch.Tensor, side: str) -> nn.Module:
     kw = dict(device=w.device, dtype=w.dtype)
     if isinstance(layer, nn.Linear):
         new = Linear(n if side == "in" else layer.in_features, n if side == "out" else layer.out_features,
-                        bias=b is not None, **kw)
+                     bias=b is not None, **kw)
     else:
         cin = n if side in ("in", "both") else layer.in_channels
         cout = n if side in ("out", "both") else layer.out_channels
