@@ -6,6 +6,11 @@ import torch.nn.functional as F
 __all__ = ["StarReLU", "SquaredReLU", "apply_act"]
 
 
+def _scale_square_shift_(r: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """scale * r^2 + bias written into r (r holds relu(x) and nothing else holds r)."""
+    return r.square_().mul_(scale).add_(bias)
+
+
 class _StarReLUFn(torch.autograd.Function):
     """s * relu(x)^2 + b in one output buffer (eager autograd would keep three full-size temporaries
     alive, and on a CPU each fresh buffer of a large map costs its page faults); backward recomputes
@@ -14,8 +19,7 @@ class _StarReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, bias):
         ctx.save_for_backward(x, scale)
-        out = torch.relu(x)
-        return out.square_().mul_(scale).add_(bias)
+        return _scale_square_shift_(torch.relu(x), scale, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -59,5 +63,5 @@ def apply_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if type(act) is nn.ReLU:
             return x.relu_()
         if type(act) is StarReLU and x.dtype == act.scale.dtype:
-            return x.relu_().square_().mul_(act.scale).add_(act.bias)
+            return _scale_square_shift_(x.relu_(), act.scale, act.bias)
     return act(x)

@@ -14,8 +14,13 @@ class Scale(nn.Module):
         self.channels_last = channels_last
         self.scale = nn.Parameter(torch.full((dim,), float(init_value)))
 
+    @property
+    def multiplier(self) -> torch.Tensor:
+        """The per-channel values shaped to broadcast against this layout's input."""
+        return self.scale if self.channels_last else self.scale[:, None, None]
+
     def forward(self, x):
-        return x * (self.scale if self.channels_last else self.scale[:, None, None])
+        return x * self.multiplier
 
     def extra_repr(self):
         return f"dim={self.scale.shape[0]}, channels_last={self.channels_last}"
@@ -26,9 +31,7 @@ def add_residual(x: torch.Tensor, y: torch.Tensor, scale: nn.Module | None = Non
     with autograd off it is updated in place, saving a full-size buffer per block (on a CPU, the page
     faults of a fresh large allocation cost as much as the add itself); with autograd on, the scaled form
     is one addcmul instead of a multiply and an add."""
-    gamma = None
-    if isinstance(scale, Scale):
-        gamma = scale.scale if scale.channels_last else scale.scale[:, None, None]
+    gamma = scale.multiplier if isinstance(scale, Scale) else None
     if not torch.is_grad_enabled() and y.shape == x.shape and y.dtype == torch.promote_types(x.dtype, y.dtype):
         return y.add_(x) if gamma is None else y.addcmul_(x, gamma)
     return x + y if gamma is None else torch.addcmul(y, x, gamma)
