@@ -43,7 +43,8 @@ def test_list_models_pattern_and_none_kwargs_dropped():
 
 
 def test_bad_constructor_argument_is_a_clear_error():
-    with pytest.raises(ValueError, match="swin_demo"):
+    # timm's and Python's convention: an unknown keyword is a TypeError, and it names the keyword
+    with pytest.raises(TypeError, match="swin_demo: unknown keyword 'no_such_argument'"):
         formers.create_model("swin_demo", no_such_argument=3)
 
 

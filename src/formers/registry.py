@@ -6,14 +6,18 @@ The paper catalog (`papers.tsv`, the 77 papers this library covers) is package d
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import fnmatch
+import functools
 import importlib.resources
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 __all__ = [
@@ -77,16 +81,39 @@ def make_cfg(**overrides) -> dict:
     return cfg
 
 
-def register_model(card: ModelCard, **cfg):
-    """Register a variant builder `fn(**kwargs) -> nn.Module` under its function name."""
+def register_model(card: ModelCard, reduction: int = 32, **cfg):
+    """Register a variant builder `fn(**kwargs) -> nn.Module` under its function name.
+
+    `cfg` overrides timm's pretrained_cfg keys; `pool_size` (the (H, W) of forward_features' map at the
+    default input size) defaults to the input size over `reduction`, the final stride, rounded up.
+    """
     def wrap(fn):
         name = fn.__name__
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = _Entry(name, fn, card, fn.__module__,
+        side = -(-card.img_size // reduction)
+        cfg.setdefault("pool_size", (side, side))
+
+        @functools.wraps(fn)
+        def build(**kwargs):
+            _BUILDING.append(name)  # so errors raised while building name the variant (building_name())
+            try:
+                return fn(**kwargs)
+            finally:
+                _BUILDING.pop()
+
+        _REGISTRY[name] = _Entry(name, build, card, fn.__module__,
                                  make_cfg(input_size=(3, card.img_size, card.img_size), **cfg))
-        return fn
+        return build
     return wrap
+
+
+_BUILDING: list[str] = []
+
+
+def building_name() -> str | None:
+    """The registered variant being built right now (None outside a registered builder)."""
+    return _BUILDING[-1] if _BUILDING else None
 
 
 def _ensure_loaded():
@@ -111,22 +138,67 @@ def list_models(pattern: str = "*", module: str = "") -> list[str]:
     return sorted(names)
 
 
-def create_model(name: str, num_classes: int | None = None, img_size=None, in_chans: int | None = None,
-                 checkpoint: str | None = None, strict: bool = True, **overrides) -> nn.Module:
-    """Build a registered variant.
+# create_model keywords of timm's that select nothing in our models: layer-config switches.
+_TIMM_SWITCHES = ("scriptable", "exportable", "no_jit", "cache_dir")
+
+
+def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, img_size=None,
+                 in_chans: int | None = None, checkpoint=None, strict: bool = True, *,
+                 pretrained_cfg=None, pretrained_cfg_overlay: dict | None = None, checkpoint_path=None,
+                 features_only: bool = False, out_indices=None, feature_cls: str | None = None,
+                 feature_cfg: dict | None = None, device=None, dtype=None, **overrides) -> nn.Module:
+    """Build a registered variant, with timm's keywords.
 
     Keyword arguments that are None are dropped so the variant's defaults win (as in timm).
-    `checkpoint` is an official release file, a timm-format file or our own safetensors;
-    it is mapped through the model file's `checkpoint_filter_fn`.
+    `checkpoint` (or timm's `checkpoint_path`) is an official release file, a timm-format file, our
+    own safetensors, or a folder holding config.json + model.safetensors (`formers.save_pretrained`);
+    it is mapped through the model file's `checkpoint_filter_fn`. There is no hub: `pretrained=True`
+    loads the file named by `checkpoint`, `checkpoint_path`, or `pretrained_cfg_overlay=dict(file=...)`.
+    `features_only=True` returns a FeatureGetterNet over `out_indices` (formers.features).
+    `device` builds the weights there (the meta device included); `dtype` casts them.
+    A keyword the model does not take raises TypeError naming it.
     """
     entry = model_entry(name)
+    for key in _TIMM_SWITCHES:
+        overrides.pop(key, None)
+    cfg = dict(entry.cfg)
+    if isinstance(pretrained_cfg, dict):
+        cfg.update(pretrained_cfg)
+    elif pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
+        raise TypeError(f"{name}: pretrained_cfg must be a dict (or a tag name), got {type(pretrained_cfg).__name__}")
+    if pretrained_cfg_overlay:
+        cfg.update(pretrained_cfg_overlay)
+    source = checkpoint if checkpoint is not None else checkpoint_path
+    if pretrained and source is None:
+        source = cfg.get("file")
+        if not source:
+            raise ValueError(
+                f"{name}: pretrained=True needs a local weights file (there is no hub here): pass "
+                f"checkpoint='PATH' (an official release file, timm's weights or ours, or a save_pretrained folder) "
+                f"or pretrained_cfg_overlay=dict(file='PATH')")
+    if source is not None:  # a save_pretrained folder: its config.json gives the keywords not passed here
+        from formers.checkpoint import pretrained_folder_args
+        saved = pretrained_folder_args(source, name)
+        num_classes, img_size, in_chans = (given if given is not None else saved.get(key) for key, given in
+                                           (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)))
+        saved = {k: v for k, v in saved.items() if k not in ("num_classes", "img_size", "in_chans")}
+        overrides = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
+    feature_cfg = dict(feature_cfg or {})
+    feature_cls = feature_cls or feature_cfg.pop("feature_cls", None)
+    if out_indices is None:
+        out_indices = feature_cfg.pop("out_indices", None)
+    if features_only and feature_cls not in (None, "getter"):
+        raise ValueError(f"{name}: feature_cls={feature_cls!r} is not supported; features come from "
+                         f"forward_intermediates (feature_cls='getter')")
+    if not features_only and out_indices is not None:
+        raise TypeError(f"{name}: out_indices is a features_only keyword (pass features_only=True)")
+
     kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        model = entry.fn(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{name}: cannot build with {sorted(kwargs)}: {e}") from None
-    cfg = dict(entry.cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(entry, kwargs)
+    if dtype is not None:
+        model.to(dtype=dtype)
     cfg["architecture"] = name
     cfg["num_classes"] = model.num_classes
     img = getattr(model, "img_size", None)
@@ -136,10 +208,36 @@ def create_model(name: str, num_classes: int | None = None, img_size=None, in_ch
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
     model.model_name = name
-    if checkpoint is not None:
+    if source is not None:
         from formers.checkpoint import load_checkpoint
-        load_checkpoint(model, checkpoint, strict=strict)
+        load_checkpoint(model, source, strict=strict)
+    if features_only:
+        from formers.features import FeatureGetterNet
+        model = FeatureGetterNet(model, out_indices=out_indices, norm=bool(feature_cfg.pop("norm", False)))
     return model
+
+
+def _build(entry: _Entry, kwargs: dict) -> nn.Module:
+    """entry.fn(**kwargs); a TypeError names the keyword at fault (each keyword is tried alone on
+    the meta device to find it) and what went wrong."""
+    try:
+        return entry.fn(**kwargs)
+    except TypeError as e:
+        error = e
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if match:
+        raise TypeError(f"{entry.name}: unknown keyword {match.group(1)!r} (this model does not take it)") from None
+    culprits = []
+    for key, value in kwargs.items():
+        try:
+            with torch.device("meta"):
+                entry.fn(**{key: value})
+        except TypeError:
+            culprits.append(f"{key}={value!r}")
+        except Exception:  # noqa: BLE001 - another error is not this keyword's type fault
+            pass
+    blame = f"{', '.join(culprits)}: " if culprits else ""
+    raise TypeError(f"{entry.name}: cannot build with {blame}{error}") from None
 
 
 def model_info(name: str) -> dict:

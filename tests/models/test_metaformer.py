@@ -132,9 +132,11 @@ def test_timm_checkpoint_with_another_class_count_keeps_the_mlp_head_body(tmp_pa
 
 def test_randformer_matrices_are_frozen_fixed_size_and_the_cards_plus_part():
     model = formers.create_model("randformer_s12")
-    frozen = [p for n, p in model.named_parameters() if n.endswith("random_matrix")]
+    frozen = [b for n, b in model.named_buffers() if n.endswith("random_matrix")]
     assert [tuple(p.shape) for p in frozen] == [(196, 196)] * 6 + [(49, 49)] * 2
-    assert not any(p.requires_grad for p in frozen)
+    assert not any(n.endswith("random_matrix") for n, _ in model.named_parameters())  # buffers, in the state dict
+    mixers = [n for n, m in model.named_modules() if hasattr(m, "random_matrix")]
+    assert mixers and all(n + ".random_matrix" in model.state_dict() for n in mixers)
     torch.testing.assert_close(frozen[0].sum(-1), torch.ones(196))  # softmax rows
     # the paper prints "11.9 + 0.2M": trained parameters plus the frozen matrices
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6

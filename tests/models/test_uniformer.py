@@ -326,8 +326,10 @@ def test_light_eval_is_the_pooled_head_and_cls_head_training():
         torch.testing.assert_close(model(x), logits, rtol=0, atol=0)
         model.cls_token.add_(1.0)
         assert not torch.allclose(model(x), logits)
-    # training: plain logits by default; (head, cls head) after set_cls_head_training, all params trained
+    # training: (head, cls head) logits by default, as the official model; all params trained.
+    # set_cls_head_training(False): the head's logits only
     model.train()
+    model.set_cls_head_training(False)
     assert model(x).shape == (2, 5)
     model.set_cls_head_training(True)
     out, out_cls = model(x)

@@ -8,6 +8,7 @@ from .mixers import IdentityMixer, Pooling, RandomMixing, SepConv
 from .mlp import ConvMlp, Mlp
 from .norms import ChannelLayerNorm, CRMSNorm, LayerNorm2d, LayerNormNoBias, RMSNorm
 from .patch_embed import PatchEmbed
+from .pool import MAP_POOLS, TOKEN_POOLS, pool_map, pool_tokens
 from .pos_embed import resample_pos_embed
 from .scale import Scale, add_residual
 from .transformer_block import TransformerBlock

@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .helpers import is_traced
+
 __all__ = ["StarReLU", "SquaredReLU", "apply_act"]
 
 
@@ -44,9 +46,13 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.tensor([bias]), requires_grad=learnable)
 
     def forward(self, x):
-        if torch.compiler.is_compiling() or x.dtype != self.scale.dtype:  # inductor fuses it anyway; autocast
+        # TorchScript, fx and torch.compile take the formula (inductor fuses it anyway); so does autocast
+        if torch.jit.is_scripting():
             return self.scale * F.relu(x).square() + self.bias
-        return _StarReLUFn.apply(x, self.scale, self.bias)
+        else:
+            if is_traced(x) or x.dtype != self.scale.dtype:
+                return self.scale * F.relu(x).square() + self.bias
+            return _StarReLUFn.apply(x, self.scale, self.bias)
 
 
 class SquaredReLU(nn.Module):
@@ -56,8 +62,10 @@ class SquaredReLU(nn.Module):
 
 def apply_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """act(x); with autograd off, in place on x for GELU, ReLU and StarReLU (x must be a fresh
-    intermediate, e.g. an MLP's fc1 output), which spares one large allocation per call."""
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    intermediate, e.g. an MLP's fc1 output), which spares one large allocation per call. torch.fx
+    and torch.compile get act(x); TorchScript cannot pass a module to a function, so a scripted
+    caller calls act(x) itself (`if torch.jit.is_scripting()`)."""
+    if not torch.is_grad_enabled() and not is_traced(x):
         if type(act) is nn.GELU:
             return torch.ops.aten.gelu_(x, approximate=act.approximate)
         if type(act) is nn.ReLU:

@@ -9,12 +9,14 @@ views its (..., C) input as a (1, C, M, 1) channels-last map, convolves it with 
 view of its weight and reads the channels-last result back as (..., out): no copy on either side,
 the same parameters and state-dict keys as nn.Linear, outputs equal up to float rounding (the two
 kernels sum in different orders). Everything else (CUDA, bf16/fp16 and autocast, torch.compile,
-which packs its own oneDNN linears, small inputs) takes `F.linear` unchanged.
+which packs its own oneDNN linears, small inputs) takes `F.linear` unchanged, and so do TorchScript
+and torch.fx symbolic tracing (the route checks are Python on the tensor's device and size).
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["Linear", "linear", "MIN_ROWS"]
@@ -30,9 +32,16 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN's 1x1 convolution for float32 CPU inputs (module doc)."""
-    if not _onednn_ok(x, weight):
+    if torch.jit.is_scripting():
+        return F.linear(x, weight, bias)
+    else:
+        return _linear_eager(x, weight, bias)
+
+
+def _linear_eager(x, weight, bias):
+    if isinstance(x, torch.fx.Proxy) or not _onednn_ok(x, weight):
         return F.linear(x, weight, bias)
     *lead, c = x.shape
     y = F.conv2d(x.reshape(1, -1, 1, c).permute(0, 3, 1, 2), weight[:, :, None, None], bias)

@@ -47,7 +47,10 @@ class SepConv(nn.Module):
         self.pwconv2 = Linear(mid, dim, bias=bias)
 
     def forward(self, x):
-        x = apply_act(self.act1, self.pwconv1(x))
+        if torch.jit.is_scripting():
+            x = self.act1(self.pwconv1(x))
+        else:
+            x = apply_act(self.act1, self.pwconv1(x))
         x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.pwconv2(self.act2(x))
 
@@ -55,15 +58,16 @@ class SepConv(nn.Module):
 class RandomMixing(nn.Module):
     """Mix the N tokens with a frozen random row-stochastic (N, N) matrix (RandFormer).
 
-    The matrix fixes the number of tokens, so a model using it takes one input size only.
+    The matrix fixes the number of tokens, so a model using it takes one input size only. It is never
+    trained, so it is a persistent buffer (saved under the official key `random_matrix`, which the
+    official code stores as a frozen Parameter): every parameter of a RandFormer then gets a gradient
+    (DDP, timm's backward test), and the paper's "+x M" counts these buffers.
     """
 
     def __init__(self, num_tokens: int = 196, **kwargs):
         super().__init__()
-        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1),
-                                          requires_grad=False)
+        self.register_buffer("random_matrix", torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1))
 
     def forward(self, x):
-        b, h, w, c = x.shape
-        x = torch.einsum("mn,bnc->bmc", self.random_matrix, x.reshape(b, h * w, c))
-        return x.reshape(b, h, w, c)
+        y = torch.einsum("mn,bnc->bmc", self.random_matrix, x.flatten(1, 2))
+        return y.unflatten(1, (x.shape[1], x.shape[2]))

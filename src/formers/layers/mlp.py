@@ -1,4 +1,5 @@
 """Feed-forward blocks."""
+import torch
 import torch.nn as nn
 
 from .activations import apply_act
@@ -20,7 +21,11 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(apply_act(self.act, self.fc1(x)))))
+        if torch.jit.is_scripting():
+            x = self.act(self.fc1(x))
+        else:
+            x = apply_act(self.act, self.fc1(x))
+        return self.drop2(self.fc2(self.drop1(x)))
 
 
 class ConvMlp(nn.Module):

@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from .helpers import is_traced
+
 __all__ = ["Scale", "add_residual"]
 
 
@@ -30,8 +32,12 @@ def add_residual(x: torch.Tensor, y: torch.Tensor, scale: nn.Module | None = Non
     """x + y, or scale(x) + y for a `Scale` (ResScale). `y` must be a branch output nothing else holds:
     with autograd off it is updated in place, saving a full-size buffer per block (on a CPU, the page
     faults of a fresh large allocation cost as much as the add itself); with autograd on, the scaled form
-    is one addcmul instead of a multiply and an add."""
+    is one addcmul instead of a multiply and an add. Under torch.fx tracing and torch.compile it is the
+    plain formula. TorchScript cannot pass a module to a function: a scripted caller writes
+    `scale(x) + y` itself under `if torch.jit.is_scripting()`."""
     gamma = scale.multiplier if isinstance(scale, Scale) else None
+    if is_traced(y):
+        return x + y if gamma is None else x * gamma + y
     if not torch.is_grad_enabled() and y.shape == x.shape and y.dtype == torch.promote_types(x.dtype, y.dtype):
         return y.add_(x) if gamma is None else y.addcmul_(x, gamma)
     return x + y if gamma is None else torch.addcmul(y, x, gamma)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -55,6 +56,25 @@ def symmetric_pad(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
     return x.index_select(dim, idx)
 
 
+def _check_even(x: torch.Tensor):
+    if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"DTCWT: expected a (B, C, H, W) tensor with even H and W, got {tuple(x.shape)}")
+
+
+def _check_inverse(low: torch.Tensor, high: torch.Tensor):
+    _check_even(low)
+    b, c, h, w = low.shape
+    if high.shape != (b, c, 6, h // 2, w // 2, 2):
+        raise ValueError(f"DTCWT.inverse: the highpass must be {(b, c, 6, h // 2, w // 2, 2)} for a lowpass "
+                         f"{tuple(low.shape)}, got {tuple(high.shape)}")
+
+
+# shape tests and index tables from the input's size: each is one eager node of a torch.fx graph
+torch.fx.wrap("_check_even")
+torch.fx.wrap("_check_inverse")
+torch.fx.wrap("symmetric_pad")
+
+
 class DTCWT(nn.Module):
     """Level-1 2-D DTCWT: `forward(x) -> (low, high)` and `inverse(low, high) -> x`.
 
@@ -78,23 +98,19 @@ class DTCWT(nn.Module):
         self.register_buffer("analysis", analysis, persistent=False)     # (2, L): lowpass, highpass
         self.register_buffer("synthesis", synthesis, persistent=False)
 
-    def _analyse(self, x, dim):
+    def _analyse(self, x, dim: int):
         """Lowpass and highpass of every channel along `dim` (-1: rows, -2: columns): (B, 2C, H, W)."""
         c = x.shape[1]
         taps = self.analysis.to(x.dtype).repeat(c, 1)
         w = taps[:, None, None, :] if dim == -1 else taps[:, None, :, None]
         return F.conv2d(symmetric_pad(x, self.pad, dim), w, groups=c)
 
-    def _check(self, x):
-        if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
-            raise ValueError(f"DTCWT: expected a (B, C, H, W) tensor with even H and W, got {tuple(x.shape)}")
-
     def forward(self, x: torch.Tensor):
-        self._check(x)
-        b, c, h, w = x.shape
+        if not torch.jit.is_scripting():
+            _check_even(x)
         # rows then columns, lowpass and highpass each: per channel [ll, lh, hl, hh]
         y = self._analyse(self._analyse(x, -1), -2)                      # (B, 4C, H, W)
-        y = y.reshape(b, c, 4, h, w)
+        y = y.unflatten(1, (-1, 4))  # no batch size named: a batch of 0 works, and torch.fx traces it
         low = y[:, :, 0]
         bands = y[:, :, [1, 3, 2]] / math.sqrt(2)                        # lh, hh, hl
         a, bb = bands[..., 0::2, 0::2], bands[..., 0::2, 1::2]
@@ -105,18 +121,16 @@ class DTCWT(nn.Module):
         return low, torch.stack([real, imag], dim=-1)
 
     def inverse(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        self._check(low)
-        b, c, h, w = low.shape
-        if high.shape != (b, c, 6, h // 2, w // 2, 2):
-            raise ValueError(f"DTCWT.inverse: the highpass must be {(b, c, 6, h // 2, w // 2, 2)} for a lowpass "
-                             f"{tuple(low.shape)}, got {tuple(high.shape)}")
+        if not torch.jit.is_scripting():
+            _check_inverse(low, high)
+        c = low.shape[1]
         real, imag = high.unbind(-1)
         r1, i1 = real[:, :, :3], imag[:, :, :3]                          # 15, 45, 75
         r2, i2 = real[:, :, 3:].flip(2), imag[:, :, 3:].flip(2)          # 165, 135, 105
         a, bb, cc, d = r1 + r2, i1 + i2, i1 - i2, r2 - r1
         quads = torch.stack([torch.stack([a, bb], -1), torch.stack([cc, d], -1)], -3)  # (B, C, 3, h/2, 2, w/2, 2)
-        bands = quads.reshape(b, c, 3, h, w) / math.sqrt(2)              # lh, hh, hl
-        y = torch.stack([low, bands[:, :, 0], bands[:, :, 2], bands[:, :, 1]], dim=2).reshape(b, 4 * c, h, w)
+        bands = quads.flatten(5, 6).flatten(3, 4) / math.sqrt(2)        # (B, C, 3, h, w): lh, hh, hl
+        y = torch.stack([low, bands[:, :, 0], bands[:, :, 2], bands[:, :, 1]], dim=2).flatten(1, 2)
         # columns: [ll, lh] -> lo and [hl, hh] -> hi; then rows: [lo, hi] -> x
         g = self.synthesis.to(y.dtype)                                   # (2, L): g0, g1
         y = F.conv2d(symmetric_pad(y, self.pad, -2), g[None, :, :, None].expand(2 * c, 2, -1, 1).contiguous(),

@@ -1,51 +1,54 @@
 """Window attention parts (Swin and its descendants): partition, reverse, shift masks,
 relative position bias."""
-from __future__ import annotations
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
 __all__ = ["window_partition", "window_reverse", "window_region_ids", "window_attention_mask",
-           "relative_position_index", "relative_position_bias"]
+           "relative_position_index", "relative_position_bias", "compiling", "pad_hw", "crop_hw"]
 
 
-def window_partition(x, wh: int, ww: int):
+def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, nW, wh*ww, C); H and W must be multiples of the window."""
-    b, h, w, c = x.shape
+    b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: traceable by torch.fx
     x = x.view(b, h // wh, wh, w // ww, ww, c).transpose(2, 3)
     return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
 
 
-def window_reverse(x, wh: int, ww: int, h: int, w: int):
+def window_reverse(x: torch.Tensor, wh: int, ww: int, h: int, w: int) -> torch.Tensor:
     """(B, nW, wh*ww, C) -> (B, H, W, C), the inverse of window_partition."""
-    b, _, _, c = x.shape
+    b, c = x.shape[0], x.shape[3]
     x = x.view(b, h // wh, w // ww, wh, ww, c).transpose(2, 3)
     return x.reshape(b, h, w, c)
 
 
+def _shift_bands(n: int, win: int, s: int, device: Optional[torch.device]) -> torch.Tensor:
+    """Labels along one axis after a cyclic shift by -s: 0 before the last window, 1 for the part of the
+    last window that was there before the shift, 2 for what the shift wrapped around."""
+    ids = torch.zeros(n, dtype=torch.long, device=device)
+    if s != 0:
+        ids[n - win:n - s] = 1
+        ids[n - s:] = 2
+    return ids
+
+
 def window_region_ids(h: int, w: int, wh: int, ww: int, sh: int, sw: int, valid_h: int, valid_w: int,
-                      device=None):
+                      device: Optional[torch.device] = None) -> torch.Tensor:
     """Region labels of a (h, w) map seen after a cyclic shift by (-sh, -sw).
 
     Tokens of one window may attend to each other only when their labels agree: the shift
     brings together pieces of the map that were not neighbours, and padding (rows >= valid_h,
     cols >= valid_w of the unshifted map) gets label -1 so real tokens never attend to it.
+    Plain tensor code of the sizes (TorchScript, torch.export with symbolic sizes).
     """
-    def bands(n, win, s):
-        ids = torch.zeros(n, dtype=torch.long, device=device)
-        if s:
-            ids[n - win:n - s] = 1
-            ids[n - s:] = 2
-        return ids
-    ids = bands(h, wh, sh)[:, None] * 3 + bands(w, ww, sw)[None, :]
-    pad = torch.zeros(h, w, dtype=torch.bool, device=device)
-    pad[valid_h:, :] = True
-    pad[:, valid_w:] = True
-    pad = torch.roll(pad, shifts=(-sh, -sw), dims=(0, 1))
+    ids = _shift_bands(h, wh, sh, device)[:, None] * 3 + _shift_bands(w, ww, sw, device)[None, :]
+    rows = torch.arange(h, device=device)[:, None] >= valid_h
+    cols = torch.arange(w, device=device)[None, :] >= valid_w
+    pad = torch.roll(rows | cols, shifts=(-sh, -sw), dims=(0, 1))
     return ids.masked_fill(pad, -1)
 
 
-def window_attention_mask(ids, wh: int, ww: int, value: float = -100.0):
+def window_attention_mask(ids: torch.Tensor, wh: int, ww: int, value: float = -100.0) -> torch.Tensor:
     """(nW, N, N) additive mask from region labels (see window_region_ids): `value` where they differ."""
     win = window_partition(ids[None, :, :, None].float(), wh, ww)[0, :, :, 0]  # (nW, N)
     differ = win[:, :, None] != win[:, None, :]
@@ -63,3 +66,29 @@ def relative_position_bias(table, index):
     """Gather a ((2wh-1)*(2ww-1), heads) table with an (N, N) index into an (heads, N, N) bias."""
     n = index.shape[0]
     return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+def compiling() -> bool:
+    """True under torch.compile / torch.export, where sizes may be symbolic: constants (masks, tables)
+    are then computed in the graph instead of read from a cache keyed by sizes, and padding is applied
+    (by zero where none is needed) instead of decided in Python. False in eager mode and TorchScript."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_compiling()
+
+
+def pad_hw(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
+    """(B, H, W, C) padded with zeros at the bottom/right to multiples of (multiple_h, multiple_w); x itself
+    when it already fits (eager), a pad by a possibly-zero amount under torch.compile / torch.export."""
+    ph, pw = -x.shape[1] % multiple_h, -x.shape[2] % multiple_w
+    if compiling() or ph != 0 or pw != 0:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pw, 0, ph))
+    return x
+
+
+def crop_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H', W', C) -> its top-left (B, h, w, C): the inverse of pad_hw (x itself when nothing was padded)."""
+    if compiling() or x.shape[1] != h or x.shape[2] != w:
+        x = x[:, :h, :w]
+    return x

@@ -5,12 +5,11 @@ A backbone subclasses `Backbone`, sets `num_classes`, `num_features`, `in_chans`
 `forward_intermediates`; the rest (classifier reset, input checks, weight-decay
 exclusions) comes from here.
 """
-from __future__ import annotations
-
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from formers.layers import check_image_input, feature_take_indices
+from formers.layers import MAP_POOLS, TOKEN_POOLS, check_image_input, feature_take_indices, pool_map, pool_tokens
 
 __all__ = ["Backbone", "ChannelsLastPyramid", "Stage", "TokenBackbone", "init_trunc_normal", "stage_intermediates"]
 
@@ -23,25 +22,110 @@ class Backbone(nn.Module):
     input_divisor: int = 1      # H and W must be multiples of this (1: any size)
     min_input_size: int = 1     # ... and at least this
     fixed_input_size = None     # (H, W) when the architecture takes one size only
+    script_unsupported = ""     # why torch.jit.script cannot compile this model ("" where it can)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a model that cannot be scripted says why in one line.
+        if self.script_unsupported:
+            name = getattr(self, "model_name", type(self).__name__)
+            raise RuntimeError(f"{name}: TorchScript is not supported ({self.script_unsupported}); "
+                               "export it with torch.export or `formers export` instead")
+        return self
 
     def check_input(self, x):
+        # Python only: a forward path calls it under `if not torch.jit.is_scripting():` (a scripted model
+        # skips it; eager and torch.fx keep it, fx as one `image_checks` node of the graph)
         return check_image_input(self, x, divisor=self.input_divisor, min_size=self.min_input_size,
                                  fixed_size=self.fixed_input_size)
+
+    pool_types = MAP_POOLS      # the global_pool values this model takes (TOKEN_POOLS for token models)
+    final_norm_per_stage = True  # `norm` is sized for the last stage only (pruning before it drops it)
+    head_norm = False           # `norm` acts on the pooled features (part of the head, pruned with it)
 
     @property
     def head_hidden_size(self) -> int:
         return self.num_features
 
+    def _name(self) -> str:
+        from formers.registry import building_name
+        return getattr(self, "model_name", None) or building_name() or type(self).__name__
+
+    def check_pool(self, global_pool: str) -> str:
+        """`global_pool` if this model takes it; else a ValueError naming the model and what it takes."""
+        if global_pool not in self.pool_types:
+            allowed = ", ".join(repr(p) for p in self.pool_types)
+            raise ValueError(f"{self._name()}: global_pool={global_pool!r} is not supported; use one of {allowed}")
+        return global_pool
+
+    def like_model(self, module: nn.Module) -> nn.Module:
+        """A new module on this model's device and dtype, in its train/eval mode."""
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            module = module.to(device=ref.device, dtype=ref.dtype)
+        return module.train(self.training)
+
+    def _new_module(self, build):
+        """build() made directly on this model's device (no CPU allocation for a meta or CUDA model)."""
+        ref = next(self.parameters(), None)
+        if ref is None:
+            return build().train(self.training)
+        with torch.device(ref.device):
+            return self.like_model(build())
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        """A new linear classifier for `num_classes` (0: none, forward returns pooled features);
-        `global_pool=''` makes forward return the unpooled map."""
+        """A new classifier for `num_classes` (0: none, forward returns pooled features), fresh and
+        trainable, on the model's device and dtype; `global_pool` None keeps the current pooling,
+        '' makes forward return the unpooled features."""
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = self.check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_module(lambda: self.make_classifier(num_classes))
+
+    def _prune_container(self) -> str:
+        """The attribute holding the modules feature_info indexes (`feature_info[i]['module']` = f'{name}.{i}')."""
+        mods = [d["module"] for d in self.feature_info]
+        prefix = mods[0].rsplit(".", 1)[0]
+        if not all(m == f"{prefix}.{i}" for i, m in enumerate(mods)):
+            raise NotImplementedError(f"{self._name()}: prune_intermediate_layers needs feature_info modules "
+                                      f"'<name>.<index>', got {mods}")
+        return prefix
+
+    def prune_head(self):
+        """Remove the classifier (and what only it uses); forward then returns unpooled features."""
+        if self.head_norm:
+            self.norm = nn.Identity()
+        self.reset_classifier(0, "")
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's: drop the stages (blocks) after the last of `indices`, the final norm with `prune_norm`
+        (or when a stage before the last ends the model and the norm is sized for the last), and the head
+        with `prune_head` (or when the features no longer fit it). Returns the absolute take indices, for
+        forward_intermediates(x, indices=...)."""
+        name = self._prune_container()
+        seq = getattr(self, name)
+        take, last = feature_take_indices(len(seq), indices)
+        prune_end = last < len(seq) - 1
+        setattr(self, name, seq[:last + 1])
+        if not self.head_norm and (prune_norm or (prune_end and self.final_norm_per_stage)):
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.prune_head()
+        return take
+
+    def init_non_persistent_buffers(self):
+        """Recompute the buffers a state dict does not hold (index tables, fixed filters) in place, on
+        their device: needed after building on the meta device and `to_empty()`."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_non_persistent_buffers"):
+                m.init_non_persistent_buffers()
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (position tables, tokens, scales)."""
@@ -103,15 +187,15 @@ class ChannelsLastPyramid(Backbone):
             stage.grad_checkpointing = enable
 
     def forward_features(self, x):
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stem(x)
         for stage in self.feature_stages:
             x = stage(x)
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
+        x = pool_map(x, self.global_pool, channels_last=True)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -146,8 +230,12 @@ class Stage(nn.Module):
 
     def forward(self, x):
         x = self.downsample(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
+        if torch.jit.is_scripting():  # TorchScript has no activation checkpointing
+            for block in self.blocks:
+                x = block(x)
+        else:
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
         return x
 
 
@@ -164,7 +252,10 @@ class TokenBackbone(Backbone):
     """
 
     num_prefix_tokens = 1
+    __constants__ = ["num_prefix_tokens"]  # TorchScript reads no class attributes otherwise
     global_pool = "token"
+    pool_types = TOKEN_POOLS
+    final_norm_per_stage = False  # every block has the model's width: the final norm fits any of them
     grad_checkpointing = False
 
     def _embed(self, x):
@@ -176,20 +267,20 @@ class TokenBackbone(Backbone):
         return blk(x)
 
     def forward_features(self, x):
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x, hw = self._embed(x)
         for blk in self.blocks:
-            x = self._run(blk, x, hw)
+            if torch.jit.is_scripting():  # TorchScript cannot pass a module to _run (nor checkpoint)
+                x = blk(x)
+            else:
+                x = self._run(blk, x, hw)
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        head_drop = getattr(self, "head_drop", None)
-        if head_drop is not None:
-            x = head_drop(x)
+        x = pool_tokens(x, self.global_pool, self.num_prefix_tokens)
+        if hasattr(self, "head_drop"):
+            x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
@@ -206,7 +297,7 @@ class TokenBackbone(Backbone):
             x = self._run(blk, x, (h, w))
             if i in take:
                 y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
-                feats.append(y.transpose(1, 2).reshape(y.shape[0], -1, h, w) if output_fmt == "NCHW" else y)
+                feats.append(y.transpose(1, 2).unflatten(-1, (h, w)) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return feats
         if len(blocks) == len(self.blocks):

@@ -33,6 +33,7 @@ from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices, to_2tuple
 from formers.layers.mlp import Mlp
 from formers.layers.windows import window_partition, window_reverse
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
@@ -219,13 +220,11 @@ class BiFormer(Backbone):
         qk_dims = tuple(qk_dims or embed_dims)
         if not all(len(v) == num_stages for v in (embed_dims, qk_dims, topks, mlp_ratios)):
             raise ValueError("depths, embed_dims, qk_dims, topks and mlp_ratios need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         h, w = to_2tuple(img_size)
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = embed_dims[-1]
         self.n_win = n_win
         self.grad_checkpointing = False
@@ -261,8 +260,8 @@ class BiFormer(Backbone):
     def forward_head(self, x, pre_logits: bool = False):
         """Average pooling then the classifier; with global_pool='' the map stays unpooled (and the
         classifier, if any, is applied at every position)."""
-        if self.global_pool == "avg":
-            x = self.head_drop(x.mean((2, 3)))
+        if self.global_pool:
+            x = self.head_drop(pool_map(x, self.global_pool))
             return x if pre_logits else self.head(x)
         return x if pre_logits else self.head(self.head_drop(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 

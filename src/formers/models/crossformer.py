@@ -251,7 +251,7 @@ class CrossFormer(ChannelsLastPyramid):
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         # Each merging conv floors; the last one needs a map of at least 2.
         self.min_input_size = patch_stride * 2 ** (n - 1)
         dims = [embed_dim * 2 ** i for i in range(n)]
@@ -296,7 +296,11 @@ def checkpoint_filter_fn(state_dict: dict, model: CrossFormer) -> dict:
         if k.endswith(_DROPPED):
             continue
         if k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
+            parts = k.split(".", 2)
+            if len(parts) < 3 or not parts[1].isdigit():
+                from formers.checkpoint import does_not_fit
+                raise does_not_fit(model, f"{k!r} is neither an official CrossFormer key (layers.<i>.*) nor ours")
+            _, i, rest = parts
             i = int(i)
             if rest.startswith("downsample."):
                 i += 1
@@ -374,7 +378,8 @@ def crossformer_pp_huge(**kwargs):
 
 @register_model(ModelCard(**_pp, official_name="(none: a reduced CrossFormer++ for the demo and tests)", img_size=32,
                           status="reduced", notes="3 stages, CEL stem kernels 2/4/8 stride 2, width 32, G=4, "
-                                                  "I=4/2/1, one ACL: trains on 28-32 px images in minutes"), **_cfg)
+                                                  "I=4/2/1, one ACL: trains on 28-32 px images in minutes"),
+                reduction=8, **_cfg)
 def crossformer_demo(**kwargs):
     kwargs.setdefault("drop_path_rate", 0.0)
     return _crossformer(kwargs, img_size=32, embed_dim=32, depths=(2, 4, 1), num_heads=(1, 2, 4),

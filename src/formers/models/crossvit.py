@@ -10,9 +10,8 @@ The idea, in three lines:
       projected to the other width, attends to the other branch's patch tokens and is projected back;
   each branch classifies its own CLS token and the two logits are averaged.
 """
-from __future__ import annotations
-
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -25,7 +24,30 @@ from formers.layers import (DropPath, PatchEmbed, TransformerBlock, drop_path_ra
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
+# the sizes below follow the input's: each is one eager node of a torch.fx graph
+torch.fx.wrap("resample_pos_embed")
+torch.fx.wrap("resize_to_branch")
+
 __all__ = ["CrossViT", "CrossAttention", "checkpoint_filter_fn"]
+
+
+def _scaled_side(v: int, patch: int, num: int, den: int) -> int:
+    """v * num / den rounded (halves up) to the nearest multiple of `patch`, at least one patch: integer
+    arithmetic only, so torch.export and ONNX carry it as a formula of the input size."""
+    return max(1, (2 * v * num + patch * den) // (2 * patch * den)) * patch
+
+
+def resize_to_branch(x: torch.Tensor, patch: int, num: int, den: int) -> torch.Tensor:
+    """The input as a branch sees it: resized (bicubic) by num / den to the nearest multiple of its patch
+    (at least one), or unchanged when that is its size. Under torch.compile / torch.export it always
+    resamples (exact at the same size), so no test pins the input size."""
+    if num == den:  # the branch that sees the input as it is (its patch divides the input: checked)
+        return x
+    h, w = x.shape[-2], x.shape[-1]
+    nh, nw = _scaled_side(h, patch, num, den), _scaled_side(w, patch, num, den)
+    if not torch.compiler.is_compiling() and nh == h and nw == w:
+        return x
+    return F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
 
 
 def multi_conv_proj(in_chans: int, dim: int, patch_size: int) -> nn.Sequential:
@@ -56,6 +78,7 @@ class CrossAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.wq = nn.Linear(dim, dim, bias=qkv_bias)
         self.wk = nn.Linear(dim, dim, bias=qkv_bias)
         self.wv = nn.Linear(dim, dim, bias=qkv_bias)
@@ -64,14 +87,13 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        b, n, c = x.shape
-
-        def heads(t):  # (B, L, C) -> (B, heads, L, C / heads)
-            return t.reshape(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
-
-        q, k, v = heads(self.wq(x[:, :1])), heads(self.wk(x)), heads(self.wv(x))
+        # (B, L, C) -> (B, heads, L, C / heads) by unflatten: no -1 (a batch of 0 works), no shape unpacking (fx)
+        heads = (self.num_heads, self.head_dim)
+        q = self.wq(x[:, :1]).unflatten(-1, heads).transpose(1, 2)
+        k = self.wk(x).unflatten(-1, heads).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, heads).transpose(1, 2)
         out = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, c)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -117,13 +139,14 @@ class MultiScaleBlock(nn.Module):
         self.revert_projs = nn.ModuleList([_proj(dims[p], dims[i], norm_eps) for i, p in enumerate(partner)])
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        xs = [blocks(x) for blocks, x in zip(self.blocks, xs)]
-        out = []
-        for i, x in enumerate(xs):
-            other = xs[(i + 1) % len(xs)]
-            cls = self.projs[i](x[:, :1])
-            cls = self.fusion[i](torch.cat([cls, other[:, 1:]], dim=1))
-            out.append(torch.cat([self.revert_projs[i](cls), x[:, 1:]], dim=1))
+        ys: list[torch.Tensor] = []
+        for i, blocks in enumerate(self.blocks):
+            ys.append(blocks(xs[i]))
+        out: list[torch.Tensor] = []
+        for i, (proj, fusion, revert) in enumerate(zip(self.projs, self.fusion, self.revert_projs)):
+            x, other = ys[i], ys[(i + 1) % len(ys)]
+            cls = fusion(torch.cat([proj(x[:, :1]), other[:, 1:]], dim=1))
+            out.append(torch.cat([revert(cls), x[:, 1:]], dim=1))
         return out
 
 
@@ -141,6 +164,8 @@ class CrossViT(Backbone):
     (timm's order), and forward_intermediates returns those patch-token maps as NCHW.
     """
 
+    pool_types = ("token", "avg")  # forward_features is one token set per branch: no unpooled form
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 240,
                  img_scale=(1.0, 224 / 240), patch_size=(12, 16), embed_dim=(96, 192),
                  depth=((1, 4), (1, 4), (1, 4)), num_heads=(3, 3), mlp_ratio=(4.0, 4.0), multi_conv: bool = False,
@@ -153,8 +178,6 @@ class CrossViT(Backbone):
         if any(len(d) not in (n, n + 1) or (len(d) == n + 1 and d[-1] != 0) for d in depth):
             raise ValueError(f"depth: one ({', '.join(['blocks'] * n)}) entry per multi-scale block (the official "
                              f"third entry, the fusion depth, must be 0), got {depth}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if not isinstance(img_size, int):
             if len(set(img_size)) != 1:
                 raise ValueError(f"CrossViT: img_size must be square (one int), got {img_size}")
@@ -164,10 +187,13 @@ class CrossViT(Backbone):
         self.in_chans = in_chans
         self.img_size = img_size
         self.img_scale = tuple(img_scale)
+        # each scale as a fraction (224 / 240 -> 14 / 15): the resize rounds in integers (export, ONNX)
+        self.scale_ratios = [(f.numerator, f.denominator)
+                             for f in (Fraction(float(v)).limit_denominator(10000) for v in img_scale)]
         self.patch_size = tuple(patch_size)
         self.embed_dim = tuple(embed_dim)
         self.num_branches = n
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = sum(embed_dim)
         self.input_divisor = self.min_input_size = patch_size[0]
         if img_size % patch_size[0]:
@@ -207,31 +233,44 @@ class CrossViT(Backbone):
         return nn.ModuleList([nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
                               for d in self.embed_dim])
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = self._make_heads(num_classes)
+    def make_classifier(self, num_classes: int) -> nn.ModuleList:
+        return self._make_heads(num_classes)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's: keep the blocks up to the last one a taken index needs (index b * num_blocks + i is
+        branch b after block i). The fusion into a branch no tap reads stays, unused (DDP then needs
+        find_unused_parameters=True), as in timm."""
+        num_blocks = len(self.feature_info) // self.num_branches  # as built: pruning keeps the indices
+        take, _ = feature_take_indices(self.num_branches * num_blocks, indices)
+        self.blocks = self.blocks[:max(t % num_blocks for t in take) + 1]
+        if prune_norm:
+            self.norm = nn.ModuleList([nn.Identity() for _ in range(self.num_branches)])
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def _branch_size(self, hw, i: int) -> tuple[int, int]:
         """The size branch i resizes an (H, W) input to: scaled, rounded to a multiple of its patch."""
-        p, s = self.patch_size[i], self.img_scale[i]
-        return tuple(max(1, round(v * s / p)) * p for v in hw)
+        num, den = self.scale_ratios[i]
+        return tuple(v if num == den else _scaled_side(v, self.patch_size[i], num, den) for v in hw)
 
     def _embed(self, x) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """Per branch: resize, patch-embed, prepend the CLS, add the (resized) position table."""
-        self.check_input(x)
-        xs, grids = [], []
-        for i, embed in enumerate(self.patch_embed):
-            size = self._branch_size(x.shape[-2:], i)
-            xi = x if size == tuple(x.shape[-2:]) else F.interpolate(x, size=size, mode="bicubic",
-                                                                     align_corners=False)
-            xi = embed(xi)  # (B, C, h, w)
-            grid = tuple(xi.shape[-2:])
-            xi = torch.cat([self.cls_token[i].expand(x.shape[0], -1, -1), xi.flatten(2).transpose(1, 2)], dim=1)
-            pos = resample_pos_embed(self.pos_embed[i], grid, (self.grids[i], self.grids[i]), 1, mode="bicubic")
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+            if torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling():
+                raise RuntimeError(f"{getattr(self, 'model_name', 'CrossViT')}: the TorchScript-based ONNX exporter "
+                                   "records the large-patch branch's resize (a rounded fraction of the input size) "
+                                   "as a constant, so the graph would be wrong at any other size; export with "
+                                   "torch.onnx.export(..., dynamo=True) instead")
+        xs: list[torch.Tensor] = []
+        grids: list[tuple[int, int]] = []
+        for i, (embed, cls_token, pos_embed) in enumerate(zip(self.patch_embed, self.cls_token, self.pos_embed)):
+            num, den = self.scale_ratios[i]
+            xi = embed(resize_to_branch(x, self.patch_size[i], num, den))  # (B, C, h, w)
+            grid = (xi.shape[-2], xi.shape[-1])
+            xi = torch.cat([cls_token.expand(x.shape[0], -1, -1), xi.flatten(2).transpose(1, 2)], dim=1)
+            pos = resample_pos_embed(pos_embed, grid, (self.grids[i], self.grids[i]), 1, mode="bicubic")
             xs.append(self.pos_drop(xi + pos))
             grids.append(grid)
         return xs, grids
@@ -245,16 +284,27 @@ class CrossViT(Backbone):
         """(B, C, H, W) -> one (B, 1 + h_i * w_i, C_i) tensor per branch, normalised, CLS first."""
         xs, _ = self._embed(x)
         for blk in self.blocks:
-            xs = self._run(blk, xs)
-        return [norm(t) for norm, t in zip(self.norm, xs)]
+            if torch.jit.is_scripting():  # TorchScript cannot pass a module to _run
+                xs = blk(xs)
+            else:
+                xs = self._run(blk, xs)
+        out: list[torch.Tensor] = []
+        for i, norm in enumerate(self.norm):
+            out.append(norm(xs[i]))
+        return out
 
     def forward_head(self, xs: list[torch.Tensor], pre_logits: bool = False):
         """Mean of the branches' logits; with pre_logits (or no classifier), the pooled branch
         features concatenated (num_features = sum of the widths)."""
-        feats = [self.head_drop(t[:, 1:].mean(1) if self.global_pool == "avg" else t[:, 0]) for t in xs]
+        feats: list[torch.Tensor] = []
+        for t in xs:
+            feats.append(self.head_drop(t[:, 1:].mean(1) if self.global_pool == "avg" else t[:, 0]))
         if pre_logits or self.num_classes == 0:
             return torch.cat(feats, dim=-1)
-        return torch.stack([head(f) for head, f in zip(self.head, feats)]).mean(0)
+        logits: list[torch.Tensor] = []
+        for i, head in enumerate(self.head):
+            logits.append(head(feats[i]))
+        return torch.stack(logits).mean(0)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -263,7 +313,7 @@ class CrossViT(Backbone):
         The final output is forward_features' list (unless stop_early cut the blocks short)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        num_blocks = len(self.blocks)
+        num_blocks = len(self.feature_info) // self.num_branches  # as built: pruning keeps the indices
         take, _ = feature_take_indices(self.num_branches * num_blocks, indices)
         last_block = max(t % num_blocks for t in take)
         xs, grids = self._embed(x)
@@ -275,7 +325,7 @@ class CrossViT(Backbone):
                 if b * num_blocks + i in take:
                     t = (self.norm[b](t) if norm else t)[:, 1:]
                     if output_fmt == "NCHW":
-                        t = t.transpose(1, 2).reshape(t.shape[0], -1, *grids[b])
+                        t = t.transpose(1, 2).unflatten(2, grids[b])
                     per_branch[b].append(t)
         intermediates = [t for feats in per_branch for t in feats]
         if intermediates_only:
@@ -305,11 +355,15 @@ def checkpoint_filter_fn(state_dict: dict, model: CrossViT) -> dict:
         out[k] = v
     for i, grid in enumerate(model.grids):
         key = f"pos_embed.{i}"
-        if key in out and out[key].shape[1] != 1 + grid * grid:
+        if key in out and (out[key].dim() != 3 or out[key].shape[1] != 1 + grid * grid):
+            from formers.checkpoint import does_not_fit
+            if out[key].dim() != 3 or out[key].shape[1] < 2:
+                raise does_not_fit(model, f"{key} has shape {tuple(out[key].shape)}; a position table is "
+                                          f"(1, 1 + grid entries, channels)")
             n = out[key].shape[1] - 1
             side = math.isqrt(n)
             if side * side != n:
-                raise ValueError(f"{key}: cannot resize a table of {n} grid entries (not square) to {grid}x{grid}")
+                raise does_not_fit(model, f"{key}: cannot resize a table of {n} grid entries (not square) to {grid}x{grid}")
             out[key] = resample_pos_embed(out[key], (grid, grid), (side, side), 1, mode="bicubic")
         for first in (f"patch_embed.{i}.proj.weight", f"patch_embed.{i}.proj.0.weight"):
             if first in out and out[first].dim() == 4 and out[first].shape[1] != model.in_chans:
@@ -322,8 +376,12 @@ def checkpoint_filter_fn(state_dict: dict, model: CrossViT) -> dict:
 # 240 px, *_384 take 408 px). Reported numbers: the paper's Table 1/2 (as recorded in
 # shared/reference/backbones.tsv); FLOPs are MACs at the card's resolution.
 
-_CFG = dict(crop_pct=0.875, first_conv="patch_embed.0.proj", classifier="head")
-_DAGGER_CFG = dict(_CFG, first_conv="patch_embed.0.proj.0")
+# One head per branch (their logits averaged); inputs are multiples of the first patch (12) and at least one
+# patch, so timm's harness, which shrinks inputs to 128 px (not a multiple of 12), takes min_input_size.
+# forward_features is one token set per branch: there is no map, so no pool_size.
+_CFG = dict(crop_pct=0.875, first_conv=("patch_embed.0.proj", "patch_embed.1.proj"), classifier=("head.0", "head.1"),
+            min_input_size=(3, 12, 12), pool_size=None)
+_DAGGER_CFG = dict(_CFG, first_conv=("patch_embed.0.proj.0", "patch_embed.1.proj.0"))
 _CFG_408 = dict(_DAGGER_CFG, crop_pct=1.0)
 _NOTE_408 = "top-1 as recorded in the shared reference (not confirmed against the paper's table)"
 
@@ -404,7 +462,8 @@ def crossvit_18_dagger_408(**kwargs):
 
 
 @register_model(_card("", None, None, None, img_size=32, status="reduced",
-                      notes="demo: 32 px input, patches 4 and 7 (the second branch sees it at 28 px)"), **_CFG)
+                      notes="demo: 32 px input, patches 4 and 7 (the second branch sees it at 28 px)"),
+                **dict(_CFG, min_input_size=(3, 4, 4)))
 def crossvit_demo(**kwargs):
     args = dict(img_size=32, img_scale=(1.0, 28 / 32), patch_size=(4, 7), embed_dim=(48, 96),
                 depth=((1, 2), (1, 2)), num_heads=(2, 4), mlp_ratio=(3.0, 3.0))

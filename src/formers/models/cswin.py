@@ -175,7 +175,7 @@ class CSWinTransformer(ChannelsLastPyramid):
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         n = len(depths)
         dims = [embed_dim * 2 ** i for i in range(n)]
         self.num_features = dims[-1]
@@ -205,22 +205,27 @@ def checkpoint_filter_fn(state_dict: dict, model: CSWinTransformer) -> dict:
         return dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        head, _, rest = k.partition(".")
-        if head == "stage1_conv_embed":
-            idx, _, leaf = rest.partition(".")
-            k = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}[idx] + leaf
-        elif head.startswith("stage"):
-            s = int(head[len("stage"):]) - 1
-            j, _, leaf = rest.partition(".")
-            if leaf.startswith(("qkv.", "proj.")):
-                leaf = "attn." + leaf
-            elif leaf.startswith("attns."):
-                b, leaf = leaf[len("attns."):].split(".get_v.")
-                leaf = f"attn.lepe.{b}.{leaf}"
-            k = f"stages.{s}.blocks.{j}.{leaf}"
-        elif head.startswith("merge"):
-            s = int(head[len("merge"):])
-            k = f"stages.{s}.downsample.{rest}"
+        name = k
+        try:
+            head, _, rest = k.partition(".")
+            if head == "stage1_conv_embed":
+                idx, _, leaf = rest.partition(".")
+                k = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}[idx] + leaf
+            elif head.startswith("stage"):
+                s = int(head[len("stage"):]) - 1
+                j, _, leaf = rest.partition(".")
+                if leaf.startswith(("qkv.", "proj.")):
+                    leaf = "attn." + leaf
+                elif leaf.startswith("attns."):
+                    b, leaf = leaf[len("attns."):].split(".get_v.")
+                    leaf = f"attn.lepe.{b}.{leaf}"
+                k = f"stages.{s}.blocks.{j}.{leaf}"
+            elif head.startswith("merge"):
+                s = int(head[len("merge"):])
+                k = f"stages.{s}.downsample.{rest}"
+        except (KeyError, ValueError):
+            from formers.checkpoint import does_not_fit
+            raise does_not_fit(model, f"{name!r} is neither an official CSWin key nor ours") from None
         out[k] = v
     return out
 
@@ -289,6 +294,7 @@ def cswin_144_24322_large_384(**kwargs):
 
 
 @register_model(ModelCard(**_paper, official_name="(none: a reduced CSWin for the demo and tests)", img_size=32,
-                          status="reduced", notes="3 stages, width 24, stripes 1/2 then global: trains in minutes"))
+                          status="reduced", notes="3 stages, width 24, stripes 1/2 then global: trains in minutes"),
+                reduction=16)
 def cswin_demo(**kwargs):
     return _cswin(kwargs, img_size=32, embed_dim=24, depths=(1, 2, 2), num_heads=(2, 4, 8), split_size=(1, 2, 2))

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.checkpoint import release_state_dict
 from formers.layers import DropPath, PatchEmbed, drop_path_rates, sdpa, to_2tuple
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
 
@@ -241,13 +242,11 @@ class FactorizationTransformer(Backbone):
         n = len(depths)
         if not all(len(v) == n for v in (embed_dims, num_heads, mlp_ratios, sr_ratios)):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and sr_ratios need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         h, w = to_2tuple(img_size)
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = embed_dims[-1]
         self.min_input_size = _min_input_size(sr_ratios)
         if min(h, w) < self.min_input_size:
@@ -296,9 +295,7 @@ class FactorizationTransformer(Backbone):
         return x
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
+        x = self.head_drop(pool_map(x, self.global_pool))
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,

@@ -8,8 +8,6 @@ The blocks run channels-last (B, H, W, C), as the official code does, so every M
 is a Linear; only the depthwise / strided convs and pooling see an NCHW view of the same memory.
 Official code: sail-sg/metaformer (metaformer_baselines.py). PoolFormer v1 is models/poolformer.py.
 """
-from __future__ import annotations
-
 import re
 
 import torch
@@ -19,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from formers.layers import (Attention, ChannelLayerNorm, DropPath, IdentityMixer, LayerNormNoBias, Mlp, Pooling,
                             RandomMixing, Scale, SepConv, SquaredReLU, StarReLU, add_residual, check_image_input,
                             drop_path_rates, feature_take_indices, to_2tuple)
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone
 from formers.registry import ModelCard, register_model
 
@@ -53,8 +52,7 @@ class MapAttention(Attention):
     """Self-attention among all H*W positions of a channels-last map (CAFormer stages 3-4)."""
 
     def forward(self, x):
-        b, h, w, c = x.shape
-        return super().forward(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return self.attend(x.flatten(1, 2)).unflatten(1, (x.shape[1], x.shape[2]))
 
 
 def make_token_mixer(kind: str, dim: int, num_tokens: int) -> nn.Module:
@@ -89,8 +87,12 @@ class MetaFormerBlock(nn.Module):
         self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
 
     def forward(self, x):
-        x = add_residual(x, self.drop_path1(self.token_mixer(self.norm1(x))), self.res_scale1)
-        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.res_scale2)
+        if torch.jit.is_scripting():  # add_residual takes a module, which TorchScript cannot pass
+            x = self.res_scale1(x) + self.drop_path1(self.token_mixer(self.norm1(x)))
+            return self.res_scale2(x) + self.drop_path2(self.mlp(self.norm2(x)))
+        else:
+            x = add_residual(x, self.drop_path1(self.token_mixer(self.norm1(x))), self.res_scale1)
+            return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.res_scale2)
 
 
 class MetaFormerStage(nn.Module):
@@ -106,11 +108,14 @@ class MetaFormerStage(nn.Module):
 
     def forward(self, x):
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        if torch.jit.is_scripting():
+            return self.blocks(x)
+        else:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                return x
+            return self.blocks(x)
 
 
 class MlpHead(nn.Module):
@@ -123,11 +128,11 @@ class MlpHead(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = SquaredReLU()
         self.norm = nn.LayerNorm(hidden, eps=norm_eps)
-        self.drop = nn.Dropout(drop)
+        self.dropout = nn.Dropout(drop)  # not `drop`: torchvision's fx node names would clash with `head_drop`
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
-        return self.fc2(self.drop(self.norm(self.act(self.fc1(x)))))
+        return self.fc2(self.dropout(self.norm(self.act(self.fc1(x)))))
 
 
 def _stage_sizes(img_size) -> list[tuple[int, int]]:
@@ -150,6 +155,9 @@ class MetaFormer(Backbone):
     A RandFormer's frozen mixing matrices are sized for `img_size`: it takes that input size only.
     """
 
+    min_input_size = 3  # the 7x7 stride-4 stem (pad 2) needs 3 pixels
+    head_norm = True    # `norm` acts on the pooled features, before the classifier
+
     def __init__(self, depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), mixers=("pool",) * 4, norm: str = "channel",
                  res_scale=(False, False, True, True), mlp_head: bool = False, num_classes: int = 1000,
                  in_chans: int = 3, img_size=224, global_pool: str = "avg", drop_rate: float = 0.0,
@@ -157,12 +165,10 @@ class MetaFormer(Backbone):
         super().__init__()
         if norm not in ("channel", "layer"):
             raise ValueError(f"norm must be 'channel' or 'layer', got {norm!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = dims[-1]
         self.mlp_head = mlp_head
         self.drop_rate = drop_rate
@@ -199,15 +205,12 @@ class MetaFormer(Backbone):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        return self._make_head(num_classes)
 
     def check_input(self, x):
         # the 7x7 stride-4 stem (pad 2) needs 3 pixels; RandFormer takes its one size only
-        return check_image_input(self, x, min_size=3, fixed_size=self.fixed_input_size)
+        return check_image_input(self, x, min_size=self.min_input_size, fixed_size=self.fixed_input_size)
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
@@ -216,18 +219,19 @@ class MetaFormer(Backbone):
 
     def forward_features(self, x):
         """The last stage's map as NCHW (a view of the channels-last tensor the blocks work on)."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         return self.stages(self.stem(x)).permute(0, 3, 1, 2)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
+        if self.global_pool:
+            x = pool_map(x, self.global_pool)
         else:
             x = x.permute(0, 2, 3, 1)  # unpooled: the head runs at every position
         x = self.head_drop(self.norm(x))
         if not pre_logits:
             x = self.head(x)
-        return x if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
+        return x if self.global_pool else x.permute(0, 3, 1, 2)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):

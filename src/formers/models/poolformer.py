@@ -7,8 +7,6 @@ token mixer, in a four-stage pyramid, already beats comparable ViTs and MLP-like
 Everything runs on NCHW maps: GroupNorm with one group, `avg_pool(x) - x` as mixer, 1x1-conv MLP,
 LayerScale on both branches. Official code: sail-sg/poolformer (models/poolformer.py).
 """
-from __future__ import annotations
-
 import re
 from collections import OrderedDict
 
@@ -18,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.layers import (ConvMlp, DropPath, Pooling, Scale, check_image_input, drop_path_rates,
                             feature_take_indices)
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone
 from formers.registry import ModelCard, register_model
 
@@ -60,11 +59,14 @@ class PoolFormerStage(nn.Module):
 
     def forward(self, x):
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        if torch.jit.is_scripting():
+            return self.blocks(x)
+        else:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                return x
+            return self.blocks(x)
 
 
 class PoolFormer(Backbone):
@@ -76,6 +78,9 @@ class PoolFormer(Backbone):
     either; the logits differ, and the official weights were trained with "group".
     """
 
+    min_input_size = 3  # the 7x7 stride-4 stem (pad 2) needs 3 pixels
+    head_norm = True    # `norm` is the head's (in forward_head, around the pooling)
+
     def __init__(self, depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), mlp_ratio: float = 4.0, pool_size: int = 3,
                  layer_scale_init: float = 1e-5, num_classes: int = 1000, in_chans: int = 3, img_size=224,
                  global_pool: str = "avg", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
@@ -83,12 +88,10 @@ class PoolFormer(Backbone):
         super().__init__()
         if final_norm not in ("group", "layer"):
             raise ValueError(f"final_norm must be 'group' (official) or 'layer' (timm), got {final_norm!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = dims[-1]
         self.final_norm = final_norm
         self.grad_checkpointing = False
@@ -116,7 +119,7 @@ class PoolFormer(Backbone):
                 nn.init.zeros_(m.bias)
 
     def check_input(self, x):
-        return check_image_input(self, x, min_size=3)  # the 7x7 stride-4 stem (pad 2) needs 3 pixels
+        return check_image_input(self, x, min_size=self.min_input_size)
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
@@ -129,14 +132,15 @@ class PoolFormer(Backbone):
         return self.stem(x.contiguous(memory_format=torch.channels_last))
 
     def forward_features(self, x):
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         return self.stages(self._embed(x))
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.final_norm == "group":
             x = self.norm(x)  # official: GroupNorm over the whole map, then average
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
+        if self.global_pool:
+            x = pool_map(x, self.global_pool)
         else:
             x = x.permute(0, 2, 3, 1)  # unpooled: the head runs at every position
         if self.final_norm == "layer":
@@ -144,7 +148,7 @@ class PoolFormer(Backbone):
         x = self.head_drop(x)
         if not pre_logits:
             x = self.head(x)
-        return x if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
+        return x if self.global_pool else x.permute(0, 3, 1, 2)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -171,11 +175,19 @@ def checkpoint_filter_fn(state_dict: dict, model: PoolFormer) -> dict:
     official: patch_embed.proj -> stem.conv; network.{2i}.{j}.* -> stages.i.blocks.j.*
               (layer_scale_1 -> layer_scale1.scale); network.{2i-1}.proj -> stages.i.downsample.conv
     timm:     head.norm -> norm; head.fc -> head (the body already has our names)
+    timm's weights loaded into final_norm="group" (the official head) give the official head's
+    logits, not timm's: that is said in one warning (final_norm="layer" gives timm's).
     """
     if "stem.conv.weight" in state_dict and "norm.weight" in state_dict:
         return state_dict
     out = {}
     official = "patch_embed.proj.weight" in state_dict
+    if not official and "head.norm.weight" in state_dict and getattr(model, "final_norm", "") == "group":
+        import warnings
+        warnings.warn(f"{getattr(model, 'model_name', type(model).__name__)}: these are timm's PoolFormer weights "
+                      f"(head.norm), loaded into the official head (GroupNorm over the map, then pooling), so the "
+                      f"logits are the official head's, not timm's; build with final_norm=\"layer\" to get timm's "
+                      f"(pooling, then LayerNorm)", UserWarning, stacklevel=2)
     for k, v in state_dict.items():
         if official:
             k = re.sub(r"^patch_embed\.proj\.", "stem.conv.", k)

@@ -10,8 +10,6 @@ The idea, in three lines:
   each stage has its own learned position table (bilinearly resized for other input sizes); a cls token
       joins in the last stage only and the classifier reads it.
 """
-from __future__ import annotations
-
 import math
 import re
 
@@ -22,8 +20,11 @@ import torch.utils.checkpoint
 from formers.checkpoint import release_state_dict
 from formers.layers import (DropPath, Mlp, PatchEmbed, drop_path_rates, feature_take_indices, resample_pos_embed,
                             sdpa, to_2tuple)
+from formers.layers.pool import TOKEN_POOLS, pool_tokens
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
+
+torch.fx.wrap("resample_pos_embed")  # the table is resized to the input's grid: one eager node under fx
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "checkpoint_filter_fn"]
 
@@ -54,18 +55,17 @@ class SpatialReductionAttention(nn.Module):
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, x, hw: tuple[int, int]):
-        b, n, c = x.shape
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.sr_ratio > 1:
-            h, w = hw
-            kv_in = self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+        # no -1 in a reshape (a batch of 0 works) and no unpacking of x.shape (torch.fx traces it)
+        q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        if hasattr(self, "sr"):  # sr_ratio > 1 (hasattr: TorchScript skips the branch for the others)
+            kv_in = self.sr(x.transpose(1, 2).unflatten(2, hw)).flatten(2).transpose(1, 2)
             kv_in = self.norm(kv_in)
         else:
             kv_in = x
-        kv = self.kv(kv_in).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.kv(kv_in).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, heads, M, head_dim), M = (H/R)*(W/R)
         x = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(b, n, -1)  # heads * head_dim (less than c once heads are pruned)
+        x = x.transpose(1, 2).flatten(2)  # heads * head_dim (less than c once heads are pruned)
         return self.proj_drop(self.proj(x))
 
 
@@ -113,14 +113,14 @@ class PvtStage(nn.Module):
     def forward(self, x):
         """(B, C_in, H_in, W_in) -> tokens (B, prefix + H*W, C) and (H, W)."""
         x = self.patch_embed(x)  # (B, H, W, C), normalised
-        h, w = x.shape[1:3]
+        h, w = x.shape[1], x.shape[2]
         x = x.flatten(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pos = resample_pos_embed(self.pos_embed, (h, w), self.grid, self.num_prefix_tokens)
         x = self.pos_drop(x + pos)
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
+            if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, (h, w), use_reentrant=False)
             else:
                 x = blk(x, (h, w))
@@ -138,6 +138,8 @@ class PyramidVisionTransformer(Backbone):
     """
 
     input_divisor = 32
+    output_fmt = "NLC"  # forward_features returns the last stage's tokens (B, 1 + h * w, C)
+    pool_types = TOKEN_POOLS
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, patch_size: int = 4,
                  embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2), num_heads=(1, 2, 5, 8),
@@ -150,8 +152,6 @@ class PyramidVisionTransformer(Backbone):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and sr_ratios need one entry per stage")
         if sr_ratios[-1] != 1:
             raise ValueError("the last stage carries the cls token and must use sr_ratio 1")
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         h, w = to_2tuple(img_size)
         total_stride = patch_size * 2 ** (num_stages - 1)
         self.input_divisor = total_stride
@@ -160,7 +160,7 @@ class PyramidVisionTransformer(Backbone):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = embed_dims[-1]
         self.grad_checkpointing = False
 
@@ -199,13 +199,13 @@ class PyramidVisionTransformer(Backbone):
             stage.grad_checkpointing = enable
 
     @staticmethod
-    def _to_map(x, hw, num_prefix_tokens: int):
-        h, w = hw
-        return x[:, num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    def _to_map(x, hw: tuple[int, int], num_prefix_tokens: int):
+        return x[:, num_prefix_tokens:].transpose(1, 2).unflatten(2, hw)
 
     def forward_features(self, x):
         """(B, C, H, W) -> normalised tokens (B, 1 + H/32 * W/32, C), the cls token first."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             x, hw = stage(x)
@@ -214,10 +214,7 @@ class PyramidVisionTransformer(Backbone):
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.stages[-1].num_prefix_tokens:].mean(dim=1)
+        x = pool_tokens(x, self.global_pool, self.stages[-1].num_prefix_tokens)
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
@@ -279,11 +276,16 @@ def checkpoint_filter_fn(state_dict: dict, model: PyramidVisionTransformer) -> d
         key = f"stages.{i}.pos_embed"
         if key not in out or out[key].shape == stage.pos_embed.shape:
             continue
+        if out[key].dim() != 3 or out[key].shape[2] != stage.pos_embed.shape[2]:
+            from formers.checkpoint import does_not_fit
+            raise does_not_fit(model, f"{key} has shape {tuple(out[key].shape)}; the model's is "
+                                      f"{tuple(stage.pos_embed.shape)} (1, tokens, channels)")
         prefix = stage.num_prefix_tokens
         n = out[key].shape[1] - prefix
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"{key}: cannot resize a position table of {n} grid entries (not a square grid) "
+            from formers.checkpoint import does_not_fit
+            raise does_not_fit(model, f"{key}: cannot resize a position table of {n} grid entries (not a square grid) "
                              f"to {stage.grid[0]}x{stage.grid[1]}")
         out[key] = resample_pos_embed(out[key], stage.grid, (side, side), prefix)
     return out

@@ -11,9 +11,8 @@ The idea, in three lines:
   a local positional embedding inside every attention: a 3x3 depth-wise conv on V (one conv shared by all heads,
       zero-initialised), added to softmax(QK^T)V.
 """
-from __future__ import annotations
-
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +26,8 @@ from formers.registry import ModelCard, register_model
 __all__ = ["ResFormer", "GlobalPosEmbed", "LocalPEAttention", "sincos_2d", "checkpoint_filter_fn"]
 
 
-def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device=None) -> torch.Tensor:
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
+              device: Optional[torch.device] = None) -> torch.Tensor:
     """The DETR-style (1, dim, h, w) sin-cos map ResFormer uses, computed in float32.
 
     Row and column positions 1..n are normalised to (0, 2*pi] (divided by n + 1e-6, times 2*pi); each axis
@@ -38,16 +38,21 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device=Non
         raise ValueError(f"the sin-cos position map needs a width divisible by 4, got {dim}")
     half = dim // 2
     j = torch.arange(half, dtype=torch.float32, device=device)
-    freq = temperature ** (2 * torch.div(j, 2, rounding_mode="floor") / half)
-
-    def axis(n):
-        pos = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1e-6) * (2 * math.pi)
-        ang = pos[:, None] / freq                                   # (n, half)
-        return torch.where(j % 2 == 0, ang.sin(), ang.cos())
-
-    rows = axis(h)[:, None, :].expand(h, w, half)
-    cols = axis(w)[None, :, :].expand(h, w, half)
+    freq = torch.pow(temperature, 2 * torch.div(j, 2, rounding_mode="floor") / half)
+    rows = _sincos_axis(h, j, freq)[:, None, :].expand(h, w, half)
+    cols = _sincos_axis(w, j, freq)[None, :, :].expand(h, w, half)
     return torch.cat([rows, cols], dim=-1).permute(2, 0, 1).unsqueeze(0)
+
+
+def _sincos_axis(n: int, j: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """(n, half) sin (even channels) / cos (odd) of positions 1..n normalised to (0, 2*pi]."""
+    pos = torch.arange(1, n + 1, dtype=torch.float32, device=j.device) / (n + 1e-6) * (2 * math.pi)
+    ang = pos[:, None] / freq
+    return torch.where(j % 2 == 0, ang.sin(), ang.cos())
+
+
+# the map follows the input's grid: under torch.fx it is one eager node
+torch.fx.wrap("sincos_2d")
 
 
 class GlobalPosEmbed(nn.Module):
@@ -80,15 +85,15 @@ class LocalPEAttention(Attention):
         nn.init.zeros_(self.local_pe.bias)
 
     def forward(self, x, hw: tuple[int, int]):
-        b, n, c = x.shape
-        h, w = hw
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # sizes by flatten/unflatten: no -1 (a batch of 0 works), no unpacking of x.shape (torch.fx traces it)
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         out = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
         p = self.num_prefix_tokens
-        grid = v[:, :, p:].transpose(-1, -2).reshape(b * self.num_heads, self.head_dim, h, w)
-        local = self.local_pe(grid).reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2)
+        grid = v[:, :, p:].transpose(-1, -2).flatten(0, 1).unflatten(-1, hw)  # (B * heads, head_dim, h, w)
+        local = self.local_pe(grid).flatten(2).unflatten(0, (x.shape[0], self.num_heads)).transpose(-1, -2)
         out = torch.cat([out[:, :, :p], out[:, :, p:] + local], dim=2)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
 
 class Block(nn.Module):
@@ -103,7 +108,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, hw):
+    def forward(self, x, hw: tuple[int, int]):
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -116,16 +121,16 @@ class ResFormer(TokenBackbone):
     or the mean patch token ('avg'); feature_info has one entry per block, each a (B, C, h, w) map.
     """
 
+    output_fmt = "NLC"  # forward_features returns the tokens (B, 1 + N, C)
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, global_pool: str = "token", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, temperature: float = 10000.0):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"ResFormer: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = self.embed_dim = embed_dim
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.patch_size = patch_size
         self.input_divisor = self.min_input_size = patch_size
 
@@ -148,10 +153,19 @@ class ResFormer(TokenBackbone):
 
     def _embed(self, x):
         x = self.patch_embed(x)
-        hw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed(*hw)
+        hw = (x.shape[-2], x.shape[-1])  # no int(): under torch.export it would pin the size
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed(hw[0], hw[1])
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x), (int(hw[0]), int(hw[1]))
+        return self.pos_drop(x), hw
+
+    def forward_features(self, x):
+        if torch.jit.is_scripting():  # the blocks take the grid too (TokenBackbone's scripted loop passes none)
+            x, hw = self._embed(x)
+            for blk in self.blocks:
+                x = blk(x, hw)
+            return self.norm(x)
+        else:
+            return super().forward_features(x)
 
     def _run(self, blk, x, hw):
         if self.grad_checkpointing and x.requires_grad:
@@ -181,7 +195,8 @@ def checkpoint_filter_fn(state_dict: dict, model: ResFormer) -> dict:
     return out
 
 
-_CFG = dict(crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_CFG = dict(reduction=16, crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225))
 _NOTES = ("params/MACs: the README and paper print none for the backbones; the card holds DeiT's numbers, which "
           "ResFormer is (+ the 3x3 dw convs of GLPE); top-1 at 224 of the MR model trained at 224/160/128")
 

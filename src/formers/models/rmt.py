@@ -40,6 +40,7 @@ from formers.layers.helpers import feature_take_indices, to_2tuple
 from formers.layers.retention import (apply_rotary, decay_mask_1d, manhattan_decay_mask, retention_log_decay,
                                       rotary_angles, rotary_sin_cos)
 from formers.layers.scale import Scale
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
@@ -276,8 +277,6 @@ class RMT(Backbone):
         if not all(len(v) == num_stages for v in per_stage):
             raise ValueError("embed_dims, depths, num_heads, init_values, heads_ranges, mlp_ratios, decomposed "
                              "and layer_scales need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         for dim, heads in zip(embed_dims, num_heads):
             if dim % heads or (dim // heads) % 2:
                 raise ValueError(f"RMT: width {dim} must split into {heads} heads of an even size (rotary pairs)")
@@ -285,7 +284,7 @@ class RMT(Backbone):
         self.in_chans = in_chans
         h, w = to_2tuple(img_size)
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = projection
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -319,6 +318,14 @@ class RMT(Backbone):
         overrides the attention's xavier init there), unit LayerNorms, torch defaults for convs/BN."""
         self.apply(init_trunc_normal)
 
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head or len(self.stages) < len(self.feature_info):
+            # the projection (Linear, BatchNorm, Swish) is the classifier's: it goes with it
+            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_features = self.feature_info[len(self.stages) - 1]["num_chs"]
+        return take
+
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
         for stage in self.stages:
@@ -340,9 +347,7 @@ class RMT(Backbone):
         return self._project(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
+        x = self.head_drop(pool_map(x, self.global_pool))
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
@@ -418,12 +423,19 @@ def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
     state_dict = release_state_dict(state_dict)
     if not any(k.startswith(("layers.", "patch_embed.")) for k in state_dict):
         return dict(state_dict)  # already ours
+    from formers.checkpoint import does_not_fit
     out = {}
     for k, v in state_dict.items():
-        new = _rename_official(k)
+        try:
+            new = _rename_official(k)
+        except (ValueError, KeyError, IndexError):
+            raise does_not_fit(model, f"{k!r} is neither an official RMT key nor ours") from None
         if new is None:
             continue
         if new.endswith(("ls1.scale", "ls2.scale")):
+            if v.dim() == 0 or v.numel() != v.shape[-1]:
+                raise does_not_fit(model, f"{k!r} has shape {tuple(v.shape)}; a layer scale holds one value "
+                                          f"per channel")
             v = v.reshape(-1)
         out[new] = v
     return out

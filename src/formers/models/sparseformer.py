@@ -272,6 +272,7 @@ class SparseFormer(Backbone):
     """
 
     feature_maps = False  # a token set: forward_intermediates gives (B, N, C) with output_fmt='NLC' only
+    output_fmt = "NLC"    # forward_features returns the latent tokens (B, N, C)
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, conv_dim: int = 96,
                  num_latent_tokens: int = 49, num_points: int = 36, widths=(256,) + (512,) * 8,
@@ -285,14 +286,12 @@ class SparseFormer(Backbone):
         ops = _v1_ops(len(widths)) if ops is None else ops
         if not len(widths) == len(repeats) == len(ops):
             raise ValueError("widths, repeats and ops need one entry per unit")
-        if global_pool not in ("avg", "token", ""):
-            raise ValueError(f"global_pool must be 'avg', 'token' or '', got {global_pool!r}")
-        if global_pool == "token" and cls_token_unit < 0:
-            raise ValueError("global_pool='token' needs a cls token (cls_token_unit >= 0)")
+        # 'token' needs a cls token (cls_token_unit >= 0)
+        self.pool_types = ("token", "avg", "") if cls_token_unit >= 0 else ("avg", "")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = widths[-1]
         self.num_latent_tokens = num_latent_tokens
         self.cls_token_unit = cls_token_unit
@@ -349,6 +348,21 @@ class SparseFormer(Backbone):
 
     def no_weight_decay(self) -> set[str]:
         return {"latent_roi"}  # as official
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        take, last = feature_take_indices(len(self.unit_ids), indices)
+        prune_end = last < len(self.unit_ids) - 1
+        self.layers = self.layers[:self.unit_ids[last] + 1]
+        self.unit_ids = self.unit_ids[:last + 1]
+        if prune_end and self.cls_token_unit > last:
+            self.cls_token, self.cls_token_unit = None, -1
+        if prune_norm or prune_end or prune_head:
+            self.norm = nn.Identity()  # the final norm acts on pooled (or the last unit's) tokens
+        if prune_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
@@ -535,7 +549,8 @@ def sparseformer_from_vit(vit, num_blocks: int | None = None, num_heads: int | N
 # ---------------------------------------------------------------------------------------------
 # Variants: SparseFormer v1 (ImageNet-1K, 224x224; imagenet/README: params, GFLOPs, top-1).
 
-_CFG = dict(crop_pct=0.875, interpolation="bicubic", first_conv="stem", classifier="head")
+_CFG = dict(crop_pct=0.875, interpolation="bicubic", first_conv="stem", classifier="head",
+            pool_size=None)  # forward_features is a set of latent tokens with RoIs, not a map
 
 
 def _card(name: str, params: str, macs: float | None, top1: float, notes: str = "") -> ModelCard:

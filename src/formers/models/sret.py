@@ -19,8 +19,6 @@ deterministic, with `eval_order`:
   "random"     a fresh permutation per call, as the official code (not deterministic).
 The first pass always uses contiguous slices, as the official code.
 """
-from __future__ import annotations
-
 import re
 
 import torch
@@ -29,7 +27,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from formers.checkpoint import release_state_dict
-from formers.layers import DropPath, Mlp, Scale, sdpa, to_2tuple
+from formers.layers import DropPath, Mlp, Scale, check_image_input, sdpa, to_2tuple
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
 
@@ -41,6 +40,33 @@ _ORDERS = ("strided", "contiguous", "random")
 def _half(size: int) -> int:
     """Output size of a 3x3 stride-2 conv with padding 1."""
     return (size - 1) // 2 + 1
+
+
+def _check_slices(h: int, w: int, name: str, groups, what: str = ""):
+    """Raise the ValueError for an input (or img_size) whose token grid in some stage does not split into
+    that stage's slices; `groups` = ((groups1, groups2) per stage)."""
+    gh, gw = _half(_half(_half(h))), _half(_half(_half(w)))
+    for s, pair in enumerate(groups):
+        if s:
+            gh, gw = _half(gh), _half(gw)
+        for g in sorted(set(pair)):
+            if (gh * gw) % g:
+                raise ValueError(
+                    f"{name}: cannot take {what or f'a {h}x{w} input'}: stage {s + 1} has a {gh}x{gw} token grid, "
+                    f"which does not split into {g} equal slices; height and width that are multiples of 32 work")
+
+
+def _resize_pos_map(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The (1, C, h0, w0) position map at the stem's (h, w): bicubic, or as it is at its own size (under
+    torch.compile / torch.export it always resamples, exact at the same size, so no test pins the size)."""
+    if not torch.compiler.is_compiling() and (h, w) == (pos.shape[-2], pos.shape[-1]):
+        return pos
+    return F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+
+
+# sizes from the input: each is one eager node of a torch.fx graph
+torch.fx.wrap("_check_slices")
+torch.fx.wrap("_resize_pos_map")
 
 
 class SlicedGroupAttention(nn.Module):
@@ -74,24 +100,25 @@ class SlicedGroupAttention(nn.Module):
         return self.eval_order
 
     def forward(self, x, recursive: bool = False):
-        b, n, c = x.shape
+        # sizes by flatten/unflatten: no -1 on the batch (a batch of 0 works), no unpacking of x.shape (torch.fx)
         g = self.groups2 if recursive else self.groups1
         order = self._order(recursive) if g > 1 else "contiguous"
+        perm = None
         if order == "random":
-            perm = torch.randperm(n, device=x.device)
+            perm = torch.randperm(x.shape[1], device=x.device)
             x = x[:, perm]
         if order == "strided":  # slice r = tokens r, r+g, r+2g, ...
-            x = x.reshape(b, n // g, g, c).transpose(1, 2)
+            x = x.unflatten(1, (-1, g)).transpose(1, 2)
         else:
-            x = x.reshape(b, g, n // g, c)
-        qkv = self.qkv(x).reshape(b, g, n // g, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+            x = x.unflatten(1, (g, -1))
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)  # each (B, G, heads, N/G, head_dim)
         x = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
-        x = x.transpose(2, 3).reshape(b, g, n // g, c)
+        x = x.transpose(2, 3).flatten(3)  # (B, G, N/G, C)
         if order == "strided":
             x = x.transpose(1, 2)
-        x = x.reshape(b, n, c)
-        if order == "random":
+        x = x.flatten(1, 2)
+        if perm is not None:
             x = x[:, torch.argsort(perm)]
         return self.proj_drop(self.proj(x))
 
@@ -161,14 +188,14 @@ class SReTStage(nn.Module):
 
     def forward(self, x):
         x = self.downsample(x)
-        b, c, h, w = x.shape
+        hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         for k in range(len(self.non_projs)):
             if self.grad_checkpointing and x.requires_grad:
                 x = torch.utils.checkpoint.checkpoint(self._pass, k, x, use_reentrant=False)
             else:
                 x = self._pass(k, x)
-        return x.transpose(1, 2).reshape(b, c, h, w)
+        return x.transpose(1, 2).unflatten(2, hw)
 
 
 class ConvStem(nn.Module):
@@ -196,6 +223,10 @@ class SReT(Backbone):
     forward_features returns the last stage's NCHW map; `eval_order` / `train_shuffle`: see the module docstring.
     """
 
+    head_norm = True  # `norm` acts on the pooled features, before the classifier
+    script_unsupported = ("its recursive passes pick a shared block by a loop counter, and TorchScript indexes "
+                          "a ModuleList by constants only")
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, base_dims=(32, 32, 32),
                  depth=(4, 10, 6), recursive_num=(2, 5, 3), heads=(2, 4, 8), groups1=(8, 4, 1), groups2=(2, 1, 1),
                  mlp_ratio: float = 3.6, np_mlp_ratio: float = 1.0, drop_rate: float = 0.0,
@@ -205,16 +236,15 @@ class SReT(Backbone):
         num_stages = len(depth)
         if not all(len(v) == num_stages for v in (base_dims, recursive_num, heads, groups1, groups2)):
             raise ValueError("base_dims, depth, recursive_num, heads, groups1 and groups2 need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         dims = [b * h for b, h in zip(base_dims, heads)]
         self.num_classes = num_classes
         self.in_chans = in_chans
         h, w = to_2tuple(img_size)
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = dims[-1]
         self.groups = [(g1, g2) for g1, g2 in zip(groups1, groups2)]
+        self.input_divisor = self.min_input_size = self._size_divisor()
 
         self.patch_embed = ConvStem(in_chans, dims[0])
         self.pos_grid = self.stage_grids((h, w))[0]
@@ -237,6 +267,8 @@ class SReT(Backbone):
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         self.check_size((h, w), f"img_size {h}x{w}")
+        if h % self.input_divisor or w % self.input_divisor:
+            raise ValueError(f"SReT: img_size {h}x{w} must be a multiple of {self.input_divisor}")
 
     def init_weights(self):
         # as the official code: position map trunc-normal(0.02); Linear/Conv at torch defaults; unit LayerNorms
@@ -251,18 +283,26 @@ class SReT(Backbone):
         return grids
 
     def check_size(self, hw, what: str):
-        name = getattr(self, "model_name", type(self).__name__)
-        for s, ((gh, gw), groups) in enumerate(zip(self.stage_grids(hw), self.groups)):
-            for g in sorted(set(groups)):
-                if (gh * gw) % g:
-                    raise ValueError(
-                        f"{name}: cannot take {what}: stage {s + 1} has a {gh}x{gw} token grid, which does not "
-                        f"split into {g} equal slices; height and width that are multiples of 32 work")
+        _check_slices(hw[0], hw[1], getattr(self, "model_name", type(self).__name__), tuple(self.groups), what)
+
+    def _size_divisor(self) -> int:
+        """The declared input rule: H and W multiples of the smallest m (the total stride times a power
+        of two) at which every stage's grid splits into its slices. Multiples of m then always split
+        (each stage's grid is a multiple of m's); the slices alone would admit a few scattered other
+        sizes (e.g. 249-255 px for the paper's), which the model refuses so that what it declares
+        (input_divisor, min_input_size) is exactly what it takes."""
+        m = 8 * 2 ** (len(self.groups) - 1)
+        while True:
+            grids = self.stage_grids((m, m))
+            if all((gh * gw) % g == 0 for (gh, gw), groups in zip(grids, self.groups) for g in groups):
+                return m
+            m *= 2
 
     def check_input(self, x):
-        hw = super().check_input(x)
-        self.check_size(hw, f"a {hw[0]}x{hw[1]} input")
-        return hw
+        hw = check_image_input(self, x)  # the tensor's rank, channels, dtype and device
+        # one node under torch.fx (hw are then Proxies): the slice test runs on the real size
+        _check_slices(hw[0], hw[1], getattr(self, "model_name", type(self).__name__), tuple(self.groups), "")
+        return super().check_input(x)  # and the declared divisor
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
@@ -273,23 +313,21 @@ class SReT(Backbone):
 
     def stem(self, x):
         x = self.patch_embed(x)
-        pos = self.pos_embed
-        if tuple(x.shape[-2:]) != self.pos_grid:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        return self.pos_drop(x + pos)
+        return self.pos_drop(x + _resize_pos_map(self.pos_embed, x.shape[-2], x.shape[-1]))
 
     def forward_features(self, x):
         """(B, C, H, W) -> the last stage's map (B, num_features, H/32, W/32)."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
         return x
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool != "avg":
+        if not self.global_pool:
             return x
-        x = self.norm(x.mean(dim=(2, 3)))
+        x = self.norm(pool_map(x, self.global_pool))
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
@@ -334,6 +372,10 @@ def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
         out[k] = v
     pos = out.get("pos_embed")
     if pos is not None and tuple(pos.shape[-2:]) != model.pos_grid:
+        if pos.dim() != 4 or pos.shape[:2] != model.pos_embed.shape[:2]:
+            from formers.checkpoint import does_not_fit
+            raise does_not_fit(model, f"pos_embed has shape {tuple(pos.shape)}; the model's is "
+                                      f"{tuple(model.pos_embed.shape)} (1, channels, height, width)")
         out["pos_embed"] = F.interpolate(pos.float(), size=model.pos_grid, mode="bicubic",
                                          align_corners=False).to(pos.dtype)
     return out

@@ -11,8 +11,6 @@ The idea, in three lines:
   the later stages use plain multi-head attention; a class-attention block over [mean token; tokens] reads out,
       and (token labeling) the logits add half of the best token's auxiliary logits.
 """
-from __future__ import annotations
-
 import math
 import re
 
@@ -24,10 +22,22 @@ from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, drop_path_rates, feature_take_indices, sdpa
 from formers.layers.mlp import DWConvMlp
 from formers.layers.wavelets import DTCWT
+from formers.layers.pool import TOKEN_POOLS
 from formers.models.base import Backbone, Stage, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["SVT", "ScatterMixer", "checkpoint_filter_fn"]
+
+
+def _lowpass_at(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The (C, h0, w0) lowpass gate at an (h, w) map: bilinear, or as it is at its own size (under
+    torch.compile / torch.export it always resamples, exact at the same size, so no test pins the size)."""
+    if not torch.compiler.is_compiling() and (weight.shape[-2], weight.shape[-1]) == (h, w):
+        return weight
+    return F.interpolate(weight[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+torch.fx.wrap("_lowpass_at")  # the gate follows the input's size: one eager node under torch.fx
 
 
 class ScatterMixer(nn.Module):
@@ -46,12 +56,20 @@ class ScatterMixer(nn.Module):
             raise ValueError(f"ScatterMixer: dim {dim} must be divisible by num_blocks {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, dim // num_blocks
         nb, bs = num_blocks, self.block_size
+        self.biort = biort
         self.dtcwt = DTCWT(biort)
         self.complex_weight_ll = nn.Parameter(torch.randn(dim, *size) * 0.02)
         self.complex_weight_lh_1 = nn.Parameter(torch.randn(2, nb, bs, bs) * 0.02)   # (real, imag)
         self.complex_weight_lh_2 = nn.Parameter(torch.randn(2, nb, bs, bs) * 0.02)
         self.complex_weight_lh_b1 = nn.Parameter(torch.randn(2, nb, bs) * 0.02)
         self.complex_weight_lh_b2 = nn.Parameter(torch.randn(2, nb, bs) * 0.02)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self):
+        """Refill the DTCWT's filter buffers (not in the state dict) in place, on their device."""
+        fresh = DTCWT(self.biort)
+        for name, buf in self.dtcwt.named_buffers():
+            buf.copy_(getattr(fresh, name))
 
     @staticmethod
     def _as_real(w, b):
@@ -60,24 +78,23 @@ class ScatterMixer(nn.Module):
         return torch.cat([torch.cat([re_, im], -1), torch.cat([-im, re_], -1)], -2), b.permute(1, 0, 2).flatten(1)
 
     def lowpass_weight(self, h: int, w: int) -> torch.Tensor:
-        weight = self.complex_weight_ll
-        if weight.shape[-2:] != (h, w):
-            weight = F.interpolate(weight[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        return weight
+        return _lowpass_at(self.complex_weight_ll, h, w)
 
     def forward(self, x):
         dtype = x.dtype
-        b, h, w, c = x.shape
+        # sizes read one by one (torch.fx traces them) and never -1 (a batch of 0 works)
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         low, high = self.dtcwt(x.permute(0, 3, 1, 2).float())
-        low = low * self.lowpass_weight(h, w)
+        low = low * self.lowpass_weight(h, w).float()  # the FFT-domain product in float32, whatever the model's dtype
         nb, bs = self.num_blocks, self.block_size
         # (B, C, 6, h/2, w/2, 2) -> (..., nb, [Re | Im] of each group)
-        z = high.permute(0, 2, 3, 4, 1, 5).reshape(b, 6, h // 2, w // 2, nb, bs, 2).transpose(-1, -2).flatten(-2)
-        w1, b1 = self._as_real(self.complex_weight_lh_1, self.complex_weight_lh_b1)
-        w2, b2 = self._as_real(self.complex_weight_lh_2, self.complex_weight_lh_b2)
+        z = high.permute(0, 2, 3, 4, 1, 5).unflatten(4, (nb, bs)).transpose(-1, -2).flatten(-2)
+        # float32 weights too: a bf16 / fp16 model still mixes in float32
+        w1, b1 = self._as_real(self.complex_weight_lh_1.float(), self.complex_weight_lh_b1.float())
+        w2, b2 = self._as_real(self.complex_weight_lh_2.float(), self.complex_weight_lh_b2.float())
         z = F.relu(torch.einsum("...nd,ndk->...nk", z, w1) + b1)
         z = torch.einsum("...nd,ndk->...nk", z, w2) + b2
-        high = z.unflatten(-1, (2, bs)).transpose(-1, -2).reshape(b, 6, h // 2, w // 2, c, 2).permute(0, 4, 1, 2, 3, 5)
+        high = z.unflatten(-1, (2, bs)).transpose(-1, -2).flatten(4, 5).permute(0, 4, 1, 2, 3, 5)
         return self.dtcwt.inverse(low, high).permute(0, 2, 3, 1).to(dtype)
 
 
@@ -85,8 +102,7 @@ class MapAttention(Attention):
     """Multi-head self-attention (no spatial reduction) on a channels-last (B, H, W, C) map."""
 
     def forward(self, x):
-        b, h, w, c = x.shape
-        return super().forward(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return self.attend(x.flatten(1, 2)).unflatten(1, (x.shape[1], x.shape[2]))
 
 
 class Block(nn.Module):
@@ -146,7 +162,13 @@ class SVTStage(Stage):
         self.downsample, self.blocks, self.norm = downsample, nn.ModuleList(blocks), norm
 
     def forward(self, x):
-        return self.norm(super().forward(x))
+        if torch.jit.is_scripting():  # no super() (nor activation checkpointing) in TorchScript
+            x = self.downsample(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x)
+        else:
+            return self.norm(super().forward(x))
 
 
 class ClassAttention(nn.Module):
@@ -160,10 +182,9 @@ class ClassAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        b, n, c = x.shape
-        q = self.q(x[:, :1]).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(sdpa(q, k, v).transpose(1, 2).reshape(b, 1, c))
+        q = self.q(x[:, :1]).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(sdpa(q, k, v).transpose(1, 2).flatten(2))
 
 
 class ClassBlock(nn.Module):
@@ -202,16 +223,17 @@ class SVT(Backbone):
     targets and is not reproduced).
     """
 
+    output_fmt = "NLC"  # forward_features returns [mean token; tokens] after the class-attention block
+    pool_types = TOKEN_POOLS
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, stem_hidden_dim: int = 32,
                  embed_dims=(64, 128, 320, 448), num_heads=(2, 4, 10, 14), mlp_ratios=(8, 8, 4, 4),
                  depths=(3, 4, 6, 3), scatter_stages: int = 1, token_label: bool = True, global_pool: str = "token",
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_drop_rate: float = 0.0):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"SVT: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = embed_dims[-1]
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.token_label = token_label
         self.input_divisor = self.min_input_size = 2 ** (scatter_stages + 2)
         ih, iw = (img_size, img_size) if isinstance(img_size, int) else img_size
@@ -237,7 +259,11 @@ class SVT(Backbone):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None):
         super().reset_classifier(num_classes, global_pool)
         if self.token_label:
-            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.aux_head = self._new_module(lambda: self.make_classifier(num_classes))
+
+    def prune_head(self):
+        self.post_network = nn.ModuleList()  # the class-attention read-out serves the head only
+        super().prune_head()
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -255,7 +281,8 @@ class SVT(Backbone):
         return self.norm(x)
 
     def forward_features(self, x):
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         for stage in self.stages:
             x = stage(x)
         return self._read_out(x)
@@ -321,15 +348,22 @@ def checkpoint_filter_fn(state_dict: dict, model: SVT) -> dict:
             else:
                 k = "norm" + rest if i == last else f"stages.{i - 1}.norm{rest}"
         out[k] = v
+    from formers.checkpoint import does_not_fit
     for k in [k for k in out if k.startswith("stages.") and (".attn.q." in k)]:
         kv = k.replace(".attn.q.", ".attn.kv.")
+        if kv not in out or out[k].dim() != out[kv].dim() or out[k].shape[1:] != out[kv].shape[1:]:
+            raise does_not_fit(model, f"{k} needs its {kv} partner of the same width (SVT keeps q and kv apart)")
         out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([out.pop(k), out.pop(kv)], dim=0)
     own = model.state_dict()
     for k, v in list(out.items()):
         if k.endswith("complex_weight_ll") and k in own and v.shape != own[k].shape:
+            if v.dim() != own[k].dim() or v.dim() < 3 or v.shape[:-2] != own[k].shape[:-2]:
+                raise does_not_fit(model, f"{k} has shape {tuple(v.shape)}; the model's is {tuple(own[k].shape)}")
             out[k] = F.interpolate(v[None].float(), size=own[k].shape[-2:], mode="bilinear",
                                    align_corners=False)[0].to(v.dtype)
         elif k.startswith("aux_head.") and k in own and v.shape != own[k].shape:
+            if v.dim() != own[k].dim() or v.shape[1:] != own[k].shape[1:]:
+                raise does_not_fit(model, f"{k} has shape {tuple(v.shape)}; the model's is {tuple(own[k].shape)}")
             out[k] = own[k]
     return out
 

@@ -10,15 +10,17 @@ multiple of the window (or patch) is padded at the bottom/right, and here the pa
 masked out of attention, so no real token attends to padding. At 224 (and 384 with window 12)
 nothing is padded and the outputs are those of the official model.
 """
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from formers.layers import (DropPath, Linear, Mlp, PatchEmbed, add_residual, cached_constant, drop_path_rates,
                             relative_position_bias, relative_position_index, sdpa, window_attention_mask,
                             window_partition, window_region_ids, window_reverse)
+from formers.layers.windows import compiling, crop_hw, pad_hw
 from formers.registry import ModelCard, register_model
 
 from .base import ChannelsLastPyramid, Stage, init_trunc_normal
@@ -43,28 +45,86 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size, window_size),
                              persistent=False)
 
-    def forward(self, x, mask=None):
+    @torch.no_grad()
+    def init_non_persistent_buffers(self):
+        """Refill `relative_position_index` (not in the state dict) in place, for the table's window."""
+        window = round((self.relative_position_bias_table.shape[0] ** 0.5 + 1) / 2)
+        index = self.relative_position_index
+        index.copy_(relative_position_index(window, window).to(device=index.device, dtype=index.dtype))
+
+    def forward(self, x, mask: Optional[torch.Tensor] = None):
         """x: (B, nW, N, C) windows; mask: (nW, N, N) additive or None."""
-        b, nw, n, c = x.shape
-        # The CPU flash kernel takes 4-D tensors only (5-D falls back to the math path): windows go
-        # into the batch when all share one bias, into the head axis when the mask differs per window.
+        b, nw, n = x.shape[0], x.shape[1], x.shape[2]
         bias = relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
-        if mask is None:
-            groups, bias = (b * nw, self.num_heads), bias[None]  # (1, heads, N, N)
-        else:
-            groups, bias = (b, nw * self.num_heads), (bias + mask[:, None]).reshape(1, -1, n, n)
+        bias, groups = _window_groups(bias, mask, b, nw, self.num_heads)
         qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.reshape(3, *groups, n, self.head_dim).unbind(0)
-        x = sdpa(q, k, v, bias.to(q.dtype), self.attn_drop if self.training else 0.0)
-        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, -1)
+        qkv = qkv.reshape(3, groups[0], groups[1], n, self.head_dim)
+        x = sdpa(qkv[0], qkv[1], qkv[2], bias.to(qkv.dtype), self.attn_drop if self.training else 0.0)
+        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
 
+def _window_groups(bias: torch.Tensor, mask: Optional[torch.Tensor], b: int, nw: int,
+                   heads: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """The attention bias and the (batch, heads) grouping of the windows for sdpa. The CPU flash kernel
+    takes 4-D tensors only (5-D falls back to the math path): windows go into the batch when all share
+    one bias, into the head axis when the mask differs per window. One torch.fx node (mask may be None)."""
+    n = bias.shape[-1]
+    if mask is None:
+        return bias[None], (b * nw, heads)  # (1, heads, N, N)
+    return (bias + mask[:, None]).reshape(1, nw * heads, n, n), (b, nw * heads)
+
+
 @cached_constant(maxsize=64)
-def _shift_mask(hp: int, wp: int, window: int, sh: int, sw: int, h: int, w: int, device: str):
+def _cached_shift_mask(hp: int, wp: int, window: int, sh: int, sw: int, h: int, w: int, device: str):
     """The additive mask of one (padded) map size and shift; cached, it depends on sizes only."""
     ids = window_region_ids(hp, wp, window, window, sh, sw, h, w, device=torch.device(device))
     return window_attention_mask(ids, window, window)
+
+
+def _shift_mask(hp: int, wp: int, window: int, sh: int, sw: int, h: int, w: int,
+                device: torch.device) -> torch.Tensor:
+    """_cached_shift_mask in eager mode; computed in the graph under TorchScript, torch.compile and
+    torch.export (sizes there may be symbolic, and a cache would bake one size in)."""
+    if torch.jit.is_scripting():
+        return window_attention_mask(window_region_ids(hp, wp, window, window, sh, sw, h, w, device), window, window)
+    else:
+        if compiling():
+            ids = window_region_ids(hp, wp, window, window, sh, sw, h, w, device)
+            return window_attention_mask(ids, window, window)
+        return _cached_shift_mask(hp, wp, window, sh, sw, h, w, str(device))
+
+
+def _shift_windows(x: torch.Tensor, window: int, shift: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], int, int]:
+    """(B, H, W, C) -> its windows (B, nW, N, C) after padding to the window and the cyclic shift, the
+    attention mask (None when no window mixes regions) and the shift (sh, sw). A dimension that fits in one
+    window is not shifted: shifting would only wrap it around. One torch.fx node: the decisions are taken
+    at run time from the real size, so a traced model takes any size."""
+    h, w = x.shape[1], x.shape[2]
+    sh = shift if h > window else 0
+    sw = shift if w > window else 0
+    x = pad_hw(x, window, window)
+    hp, wp = x.shape[1], x.shape[2]
+    if sh != 0 or sw != 0:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    mask: Optional[torch.Tensor] = None
+    if compiling() or sh != 0 or sw != 0 or hp != h or wp != w:
+        mask = _shift_mask(hp, wp, window, sh, sw, h, w, x.device)
+    return window_partition(x, window, window), mask, sh, sw
+
+
+def _unshift_windows(x: torch.Tensor, window: int, sh: int, sw: int, hp: int, wp: int,
+                     h: int, w: int) -> torch.Tensor:
+    """The inverse of _shift_windows: (B, nW, N, C) windows of the padded (hp, wp) map -> (B, h, w, C)."""
+    x = window_reverse(x, window, window, hp, wp)
+    if sh != 0 or sw != 0:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return crop_hw(x, h, w)
+
+
+torch.fx.wrap("_window_groups")
+torch.fx.wrap("_shift_windows")
+torch.fx.wrap("_unshift_windows")
 
 
 class SwinBlock(nn.Module):
@@ -82,23 +142,17 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def _attention(self, x):
-        b, h, w, c = x.shape
         ws = self.window_size
-        # A dimension that fits in one window is not shifted: shifting would only wrap it around.
-        sh = self.shift_size if h > ws else 0
-        sw = self.shift_size if w > ws else 0
-        if h % ws or w % ws:
-            x = F.pad(x, (0, 0, 0, -w % ws, 0, -h % ws))
-        hp, wp = x.shape[1:3]
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        mask = _shift_mask(hp, wp, ws, sh, sw, h, w, str(x.device)) if (sh or sw or hp > h or wp > w) else None
-        x = window_reverse(self.attn(window_partition(x, ws, ws), mask), ws, ws, hp, wp)
-        if sh or sw:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x[:, :h, :w] if (hp > h or wp > w) else x
+        h, w = x.shape[1], x.shape[2]
+        hp, wp = h + (-h % ws), w + (-w % ws)
+        windows = _shift_windows(x, ws, self.shift_size)  # indexed, not unpacked: torch.fx traces it
+        y = self.attn(windows[0], windows[1])
+        return _unshift_windows(y, ws, windows[2], windows[3], hp, wp, h, w)
 
     def forward(self, x):
+        if torch.jit.is_scripting():  # add_residual's in-place fast path is eager Python
+            x = x + self.drop_path(self._attention(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         x = add_residual(x, self.drop_path(self._attention(self.norm1(x))))
         return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
@@ -112,13 +166,19 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, out_dim or 2 * dim, bias=False)
 
     def forward(self, x):
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-            h, w = x.shape[1:3]
+        x = _pad_even(x)
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         # channel order of the paper's code: (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
         x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
+
+
+def _pad_even(x: torch.Tensor) -> torch.Tensor:
+    """Odd heights/widths padded by one at the bottom/right (one torch.fx node: decided at run time)."""
+    return pad_hw(x, 2, 2)
+
+
+torch.fx.wrap("_pad_even")
 
 
 class SwinStage(Stage):
@@ -147,7 +207,7 @@ class SwinTransformer(ChannelsLastPyramid):
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.window_size = window_size
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = dims[-1]
@@ -169,6 +229,14 @@ class SwinTransformer(ChannelsLastPyramid):
     @property
     def feature_stages(self):
         return self.layers  # named `layers` in the official and timm checkpoints
+
+    def forward_features(self, x):
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        x = self.stem(x)
+        for stage in self.layers:  # not self.feature_stages: TorchScript cannot iterate a property's modules
+            x = stage(x)
+        return self.norm(x)
 
     def stem(self, x):
         return self.pos_drop(self.patch_embed(x))
@@ -204,6 +272,11 @@ def checkpoint_filter_fn(state_dict: dict, model: SwinTransformer) -> dict:
         if k.startswith("head.fc."):
             k = "head." + k[len("head.fc."):]
         if k.endswith("relative_position_bias_table"):
+            side = round(v.shape[0] ** 0.5) if v.dim() == 2 else 0
+            if side * side != (v.shape[0] if v.dim() == 2 else -1) or side % 2 == 0:
+                from formers.checkpoint import does_not_fit
+                raise does_not_fit(model, f"{k} has shape {tuple(v.shape)}; a bias table is "
+                                          f"((2M-1)^2, heads) for a window of M")
             v = _resize_bias_table(v, model.window_size)
         out[k] = v
     return out
@@ -254,7 +327,8 @@ def swin_large_patch4_window12_384(**kwargs):
 
 
 @register_model(ModelCard(**_paper, official_name="(none: a reduced Swin for the demo and tests)", img_size=32,
-                          status="reduced", notes="patch 2, window 4, width 32: trains on 8x8 digits in minutes"))
+                          status="reduced", notes="patch 2, window 4, width 32: trains on 8x8 digits in minutes"),
+                reduction=8)
 def swin_demo(**kwargs):
     kwargs.setdefault("drop_path_rate", 0.0)
     return _swin(kwargs, img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4)

@@ -18,8 +18,6 @@ Two scales that are easy to get wrong, both reproduced here as in the official c
     use that scale so that the official weights give the reported accuracy; pass `qk_scale="head_dim"` for
     head_dim^-0.5 (what the official code trains with from scratch).
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -30,6 +28,8 @@ from formers.checkpoint import release_state_dict
 from formers.layers import Attention, DropPath, Mlp, resample_pos_embed, sdpa, to_2tuple
 from formers.models.base import TokenBackbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
+
+torch.fx.wrap("resample_pos_embed")  # the table is resized to the input's grid: one eager node under fx
 
 __all__ = ["T2TViT", "TokensToToken", "TokenPerformer", "TokenTransformer", "sinusoid_table",
            "checkpoint_filter_fn"]
@@ -47,6 +47,13 @@ def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
 
 def _unfold_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def _soft_split(x, h: int, w: int, split: tuple[int, int, int]) -> tuple[torch.Tensor, int, int]:
+    """(B, C, h, w) map -> (B, h' * w', C * k * k) overlapping patches (C outermost), h', w'."""
+    k, s, p = split
+    x = F.unfold(x, k, padding=p, stride=s).transpose(1, 2)
+    return x, _unfold_size(h, k, s, p), _unfold_size(w, k, s, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +152,7 @@ class TokensToToken(nn.Module):
     """
 
     splits = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+    __constants__ = ["splits"]  # for TorchScript
 
     def __init__(self, tokens_type: str = "performer", in_chans: int = 3, embed_dim: int = 768,
                  token_dim: int = 64, performer_drop: float = 0.1):
@@ -170,13 +178,14 @@ class TokensToToken(nn.Module):
 
     def forward(self, x):
         """(B, C, H, W) -> tokens (B, h*w, embed_dim) and the grid (h, w)."""
-        h, w = x.shape[-2:]
-        for i, (k, s, p) in enumerate(self.splits):
-            x = F.unfold(x, k, padding=p, stride=s).transpose(1, 2)  # (B, h*w, C*k*k), C outermost
-            h, w = _unfold_size(h, k, s, p), _unfold_size(w, k, s, p)
-            if i < 2:
-                x = (self.attention1, self.attention2)[i](x)
-                x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        # written out split by split (TorchScript indexes neither modules nor tuples by a loop variable);
+        # no -1 in the reshapes (a batch of 0 works), no unpacking of x.shape (torch.fx traces it)
+        h, w = x.shape[-2], x.shape[-1]
+        x, h, w = _soft_split(x, h, w, self.splits[0])
+        x = self.attention1(x).transpose(1, 2).unflatten(2, (h, w))
+        x, h, w = _soft_split(x, h, w, self.splits[1])
+        x = self.attention2(x).transpose(1, 2).unflatten(2, (h, w))
+        x, h, w = _soft_split(x, h, w, self.splits[2])
         return self.project(x), (h, w)
 
 
@@ -219,6 +228,8 @@ class T2TViT(TokenBackbone):
     the patch tokens ('avg').
     """
 
+    output_fmt = "NLC"  # forward_features returns the tokens (B, 1 + N, C)
+
     num_prefix_tokens = 1
     min_input_size = 3
 
@@ -228,8 +239,6 @@ class T2TViT(TokenBackbone):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  performer_drop: float = 0.1, global_pool: str = "token"):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         if isinstance(qk_scale, str):
             if qk_scale not in ("head_dim", "embed_dim"):
                 raise ValueError(f"qk_scale must be a number, 'head_dim' or 'embed_dim', got {qk_scale!r}")
@@ -238,7 +247,7 @@ class T2TViT(TokenBackbone):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = self.embed_dim = embed_dim
 
         self.tokens_to_token = TokensToToken(tokens_type, in_chans, embed_dim, token_dim, performer_drop)
@@ -287,10 +296,14 @@ def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
         out[k] = v
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
+        from formers.checkpoint import does_not_fit
+        if pos.dim() != 3 or pos.shape[2] != model.pos_embed.shape[2] or pos.shape[1] <= model.num_prefix_tokens:
+            raise does_not_fit(model, f"pos_embed has shape {tuple(pos.shape)}; the model's is "
+                                      f"{tuple(model.pos_embed.shape)} (1, tokens, channels)")
         n = pos.shape[1] - model.num_prefix_tokens
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"pos_embed: cannot resize a table of {n} grid entries (not a square grid) "
+            raise does_not_fit(model, f"pos_embed: cannot resize a table of {n} grid entries (not a square grid) "
                              f"to {model.grid[0]}x{model.grid[1]}")
         out["pos_embed"] = resample_pos_embed(pos, model.grid, (side, side), model.num_prefix_tokens,
                                               mode="bicubic")
@@ -302,7 +315,8 @@ def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
 # counts include the frozen position table and Performer matrices (buffers here): see the notes.
 
 # The first layer that sees pixels is a Linear on the 7x7 unfold (C*49 inputs, C outermost).
-_CFG = dict(crop_pct=0.9, interpolation="bicubic", first_conv="tokens_to_token.attention1.kqv", classifier="head")
+_CFG = dict(reduction=16, crop_pct=0.9, interpolation="bicubic", first_conv="tokens_to_token.attention1.kqv",
+            classifier="head")
 _CFG_T = dict(_CFG, first_conv="tokens_to_token.attention1.attn.qkv")
 
 

@@ -10,18 +10,18 @@ The idea, in three lines:
       (LN -> Linear -> LN) to their patch token, then runs an outer ViT block over the patch tokens;
   the classifier reads the CLS token of the outer sequence, as in ViT.
 """
-from __future__ import annotations
-
 import math
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from formers.layers import TransformerBlock, drop_path_rates, feature_take_indices, resample_pos_embed, to_2tuple
+from formers.layers.pool import TOKEN_POOLS, pool_tokens
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
+
+torch.fx.wrap("resample_pos_embed")  # the table is resized to the input's grid: one eager node under fx
 
 __all__ = ["TNT", "PixelEmbed", "TNTBlock", "checkpoint_filter_fn"]
 
@@ -41,7 +41,8 @@ class PixelEmbed(nn.Module):
 
     def forward(self, x):
         p = self.patch_size
-        x = rearrange(x, "b c (h p1) (w p2) -> (b h w) c p1 p2", p1=p, p2=p)
+        # (B, C, h * p, w * p) -> (B * h * w, C, p, p), plain torch ops (torch.fx and TorchScript take them)
+        x = x.unflatten(3, (-1, p)).unflatten(2, (-1, p)).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -62,8 +63,9 @@ class TNTBlock(nn.Module):
     def forward(self, words, tokens):
         """words (B * N, words, c), tokens (B, 1 + N, C) -> both updated."""
         words = self.inner(words)
-        b, n1, _ = tokens.shape
-        sentence = self.proj_norm2(self.proj(self.proj_norm1(words.reshape(b, n1 - 1, -1))))
+        # (B * N, words, c) -> (B, N, words * c); sizes named, not -1, so that a batch of 0 works
+        sentence = words.flatten(1).unflatten(0, (tokens.shape[0], tokens.shape[1] - 1))
+        sentence = self.proj_norm2(self.proj(self.proj_norm1(sentence)))
         tokens = torch.cat([tokens[:, :1], tokens[:, 1:] + sentence], dim=1)
         return words, self.outer(tokens)
 
@@ -78,21 +80,23 @@ class TNT(Backbone):
     and forward_intermediates returns the patch tokens of those blocks as NCHW maps.
     """
 
+    output_fmt = "NLC"  # forward_features returns the tokens (B, 1 + N, C)
+    pool_types = TOKEN_POOLS
+    final_norm_per_stage = False  # every block has the model's width
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, patch_size: int = 16,
                  inner_stride: int = 4, outer_dim: int = 384, inner_dim: int = 24, depth: int = 12,
                  outer_heads: int = 6, inner_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-5, global_pool: str = "token"):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         h, w = to_2tuple(img_size)
         if h % patch_size or w % patch_size:
             raise ValueError(f"TNT: img_size {h}x{w} must be a multiple of the patch size {patch_size}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size if isinstance(img_size, int) else (h, w)
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = outer_dim
         self.input_divisor = self.min_input_size = patch_size
         self.grid = (h // patch_size, w // patch_size)
@@ -126,11 +130,12 @@ class TNT(Backbone):
 
     def _embed(self, x):
         """(B, C, H, W) -> words (B * N, words, c), tokens (B, 1 + N, C), grid (H / p, W / p)."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         b = x.shape[0]
         grid = (x.shape[-2] // self.pixel_embed.patch_size, x.shape[-1] // self.pixel_embed.patch_size)
         words = self.pixel_embed(x) + self.pixel_pos_embed
-        tokens = self.proj_norm2(self.proj(self.proj_norm1(words.reshape(b, grid[0] * grid[1], -1))))
+        tokens = self.proj_norm2(self.proj(self.proj_norm1(words.flatten(1).unflatten(0, (b, grid[0] * grid[1])))))
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + resample_pos_embed(self.pos_embed, grid, self.grid, 1, mode="bicubic")
         return words, self.pos_drop(tokens), grid
@@ -144,11 +149,14 @@ class TNT(Backbone):
         """(B, C, H, W) -> normalised tokens (B, 1 + H/p * W/p, C), the CLS token first."""
         words, tokens, _ = self._embed(x)
         for blk in self.blocks:
-            words, tokens = self._run(blk, words, tokens)
+            if torch.jit.is_scripting():  # TorchScript cannot pass a module to _run
+                words, tokens = blk(words, tokens)
+            else:
+                words, tokens = self._run(blk, words, tokens)
         return self.norm(tokens)
 
     def forward_head(self, x, pre_logits: bool = False):
-        x = x[:, 1:].mean(1) if self.global_pool == "avg" else x[:, 0]
+        x = pool_tokens(x, self.global_pool)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -166,7 +174,7 @@ class TNT(Backbone):
             words, tokens = self._run(blk, words, tokens)
             if i in take:
                 y = (self.norm(tokens) if norm else tokens)[:, 1:]
-                feats.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+                feats.append(y.transpose(1, 2).unflatten(2, grid) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return feats
         return (self.norm(tokens) if len(blocks) == len(self.blocks) else tokens), feats
@@ -212,15 +220,21 @@ def checkpoint_filter_fn(state_dict: dict, model: TNT) -> dict:
         if k == "pixel_pos_embed" and v.dim() == 4:
             v = v.flatten(2).transpose(1, 2)
         out[k] = v
+    from formers.checkpoint import does_not_fit
     for k in [k for k in out if ".attn.qk." in k]:
         v_key = k.replace(".attn.qk.", ".attn.v.")
+        if v_key not in out or out[k].dim() != out[v_key].dim() or out[k].shape[1:] != out[v_key].shape[1:]:
+            raise does_not_fit(model, f"{k} needs its {v_key} partner of the same width (TNT keeps qk and v apart)")
         out[k.replace(".attn.qk.", ".attn.qkv.")] = torch.cat([out.pop(k), out.pop(v_key)], dim=0)
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
+        if pos.dim() != 3 or pos.shape[2] != model.pos_embed.shape[2] or pos.shape[1] < 2:
+            raise does_not_fit(model, f"pos_embed has shape {tuple(pos.shape)}; the model's is "
+                                      f"{tuple(model.pos_embed.shape)} (1, 1 + grid entries, channels)")
         n = pos.shape[1] - 1
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"pos_embed: cannot resize a table of {n} grid entries (not square) to {model.grid}")
+            raise does_not_fit(model, f"pos_embed: cannot resize a table of {n} grid entries (not square) to {model.grid}")
         out["pos_embed"] = resample_pos_embed(pos, model.grid, (side, side), 1, mode="bicubic")
     return out
 
@@ -228,7 +242,7 @@ def checkpoint_filter_fn(state_dict: dict, model: TNT) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Variants: the paper's Table 1 (TNT-S, TNT-B; ImageNet-1K at 224). FLOPs are MACs.
 
-_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, first_conv="pixel_embed.proj",
+_CFG = dict(reduction=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, first_conv="pixel_embed.proj",
             classifier="head")
 
 

@@ -33,6 +33,7 @@ from formers.layers.helpers import feature_take_indices
 from formers.layers.mlp import ConvMlp, Mlp
 from formers.layers.patch_embed import PatchEmbed
 from formers.layers.scale import Scale
+from formers.layers.pool import pool_map
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
@@ -277,12 +278,10 @@ class UniFormer(Backbone):
         if any(d % head_dim for d in embed_dims[2:]):
             raise ValueError(f"{type(self).__name__}: attention stage widths {embed_dims[2:]} must be multiples "
                              f"of head_dim {head_dim}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.global_pool = global_pool
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = embed_dims[-1]
         self.conv_stem = conv_stem
         self.grad_checkpointing = False
@@ -340,8 +339,7 @@ class UniFormer(Backbone):
         return self.norm(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.flatten(2).mean(-1)
+        x = pool_map(x, self.global_pool)
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
@@ -373,10 +371,12 @@ class UniFormerLight(UniFormer):
     EvoSABlocks with a cls token (zeros at init, widened by `cls_upsample` between the stages).
 
     `prune_ratios` / `trade_offs`: one value per block of stages 3 and 4 (the first of stage 3 must be 1).
-    Classification, in train and eval mode alike, is the linear head on the averaged BatchNorm'ed map: this
-    is the official inference. The official training adds a second loss on the cls token
-    (`head_cls(norm_cls(cls))`, each loss weighted 0.5): after `set_cls_head_training(True)`, forward in
-    train mode returns both logits as (head, cls_head), as the official model does.
+    Classification is the linear head on the averaged BatchNorm'ed map: this is the official inference.
+    The official training adds a second loss on the cls token (`head_cls(norm_cls(cls))`, each loss
+    weighted 0.5), so, as the official model does, forward in train mode returns both logits as
+    (head, cls_head) (with a classifier): the cls head and its norm are trained, every parameter gets a
+    gradient (DDP, timm's backward test). `set_cls_head_training(False)` makes train mode return the
+    head's logits only (then norm_cls and head_cls go untrained).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, depths=(2, 5, 8, 2),
@@ -402,7 +402,7 @@ class UniFormerLight(UniFormer):
         self.head_cls = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
         for m in (self.cls_upsample, self.norm_cls, self.head_cls):
             m.apply(init_trunc_normal)
-        self.cls_head_training = False
+        self.cls_head_training = True  # the official training forward: (head, cls_head) logits
 
     def _make_patch_embed(self, i: int, in_chans: int, dim: int) -> nn.Module:
         if i == 0 and self.conv_stem:
@@ -421,7 +421,18 @@ class UniFormerLight(UniFormer):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None):
         super().reset_classifier(num_classes, global_pool)
-        self.head_cls = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_cls = self._new_module(lambda: self.make_classifier(num_classes))
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        n = len(self.stages)
+        if n < 3:
+            self.cls_token = None  # the cls token starts in stage 3
+        if n < 4:
+            self.cls_upsample = nn.Identity()  # it widens the cls token for stage 4
+        if prune_head or n < 4:
+            self.norm_cls = nn.Identity()
+        return take
 
     def _stages(self, x, last: int):
         """As UniFormer._stages; the cls token and the attention score run along through stages 3-4."""
@@ -443,7 +454,7 @@ class UniFormerLight(UniFormer):
             yield x, cls_token
 
     def forward(self, x):
-        if not (self.training and self.cls_head_training):
+        if not (self.training and self.cls_head_training and self.num_classes > 0):
             return super().forward(x)
         self.check_input(x)
         for feats, cls_token in self._stages(x, len(self.stages) - 1):
@@ -541,6 +552,16 @@ def uniformer_base(**kwargs):
 def uniformer_base_ls(**kwargs):
     return UniFormer(**{**_SB, "depths": (5, 8, 20, 7), "head_dim": 64, "layer_scale_init_value": 1e-6,
                         **kwargs})
+
+
+@register_model(ModelCard(**_PAPER, official_name="UniFormer-L+Layer Scale (uniformer_large_ls)", params_m="100",
+                          top1=85.6, notes="token-labeling training only (the README's token-labeling table; 384 px: "
+                          "86.3): its release carries the token-labeling aux_head, dropped on loading; layer scale "
+                          "(init 1e-6) in the SABlocks only. The README prints 12.6G FLOPs at 224, which our counter "
+                          "does not reproduce (19.7 GMACs for this config), so no FLOPs are carded"), **_PATCH)
+def uniformer_large_ls(**kwargs):
+    return UniFormer(**{**_SB, "depths": (5, 10, 24, 7), "embed_dims": (128, 192, 448, 640), "head_dim": 64,
+                        "layer_scale_init_value": 1e-6, **kwargs})
 
 
 _LIGHT_NOTES = ("light model (uniformer_light.py): token pruning in stages 3-4, active at eval too; "
