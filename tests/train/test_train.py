@@ -165,8 +165,16 @@ def test_npz_rgb_with_flips_trains_and_evaluates(tiny, tmp_path, capsys):
     assert summary["in_chans"] == 3 and summary["img_size"] == 16 and summary["test_images"] == 120
     assert summary["best_test_acc"] > 80.0
     rc = main(["eval", tiny, "--checkpoint", str(out / "best.safetensors"), "--dataset", "npz",
+               "--data", str(tmp_path / "rgb.npz"), "--split", "test", "--out", str(tmp_path / "ev")])
+    printed = capsys.readouterr().out
+    assert rc == 0 and f"top-1 {summary['best_test_acc']:.2f}%" in printed
+    assert "the test split (120 of 600 images of rgb.npz)" in printed
+    # a file without a test split of its own: by default every image in it is evaluated
+    rc = main(["eval", tiny, "--checkpoint", str(out / "best.safetensors"), "--dataset", "npz",
                "--data", str(tmp_path / "rgb.npz"), "--out", str(tmp_path / "ev")])
-    assert rc == 0 and f"top-1 {summary['best_test_acc']:.2f}%" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert rc == 0 and "on all 600 images of rgb.npz" in printed, printed
+    assert json.loads((tmp_path / "ev" / "eval_best_npz_all.json").read_text())["n"] == 600
 
 
 def test_grayscale_into_a_three_channel_model(tiny, tmp_path, capsys):

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from formers.cli import check_out_file, positive_float, positive_int, nonnegative_int, resolve_device
+
 from .harness import BenchError, benchmark, csv_columns
 from .machine import cache_path, machine_limits
 from .report import format_table, plot_peer, plot_sweep, write_csv
@@ -62,10 +64,15 @@ def _print_limits(limits: dict):
 
 def run(args) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    # every check that needs no work comes first: a bad device or output path is one line, at once
+    dev_name = str(resolve_device(args.device))
+    device = args.device or None
+    if args.out is not None:
+        check_out_file(args.out)
+    if args.plot is not None:
+        check_out_file(args.plot, "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or None
-    dev_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.machine:
         limits = machine_limits(dev_name, measure=True)
         _print_limits(limits)
@@ -115,18 +122,18 @@ def add_parser(subparsers):
     p.add_argument("models", nargs="*", help="registered model names")
     p.add_argument("--peer", choices=["timm"], default=None,
                    help="also time the peer library's model of the same name, with the same weights, interleaved")
-    p.add_argument("--batch-size", "-b", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's own input size")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=8)
+    p.add_argument("--img-size", type=positive_int, default=None, help="default: the model's own input size")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: torch.autocast")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
     p.add_argument("--compile", action="store_true", help="torch.compile ours and the peer's")
     p.add_argument("--optimize", action="store_true", help="time ours through formers.optimize (inference)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (at least 1)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when there is one)")
     p.add_argument("--out", default=None, metavar="FILE.csv", help="write the results as CSV")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of each timed loop")
-    p.add_argument("--repeats", type=int, default=3, help="timed loops per model (the median is reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--min-time", type=positive_float, default=2.0, help="seconds of each timed loop")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed loops per model (the median is reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first")
     p.add_argument("--model-kwargs", nargs="+", default=None, metavar="[MODEL:]KEY=VALUE",
                    help="extra create_model arguments, for ours and the peer's (e.g. window_size=4); "
                         "a MODEL: prefix applies one to that model only")

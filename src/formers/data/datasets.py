@@ -43,6 +43,16 @@ class ImageData:
     hflip: bool = True               # whether a horizontal flip keeps an image's meaning
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    held_out: bool = False           # the test split is a fixed 20% of one pool (the source has none of its own)
+
+    @property
+    def from_file(self) -> bool:
+        """Whether the images are the user's own file or folder (not a packaged data set)."""
+        return self.name in ("npz", "folder")
+
+    def all_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image of both splits (x, y)."""
+        return torch.cat([self.x_train, self.x_test]), torch.cat([self.y_train, self.y_test])
 
     @property
     def num_classes(self) -> int:
@@ -60,6 +70,7 @@ class ImageData:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if size == self.size:
             return self
+        _check_fits(self, size)
         return replace(self, x_train=resize_images(self.x_train, size), x_test=resize_images(self.x_test, size))
 
     def limited(self, train: int | None = None, test: int | None = None) -> "ImageData":
@@ -77,6 +88,18 @@ class ImageData:
         h, w = self.size
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test images, "
                 f"{self.num_classes} classes, {self.channels}x{h}x{w}")
+
+
+def _check_fits(data: "ImageData", size: tuple[int, int]):
+    """Refuse, before allocating, a size at which the images cannot be held in this machine's memory."""
+    from formers.cli import OutOfMemory, available_memory, fmt_bytes
+    n = len(data.y_train) + len(data.y_test)
+    need = n * data.channels * size[0] * size[1]       # uint8, plus one float chunk while resizing
+    need += min(n, 4096) * data.channels * size[0] * size[1] * 4
+    free = available_memory()
+    if free is not None and need > free:
+        raise OutOfMemory(f"{data.name} at {size[0]}x{size[1]} px: its {n} images need {fmt_bytes(need)} in memory "
+                          f"and {fmt_bytes(free)} is available; lower --img-size")
 
 
 def _fixed_subset(n: int, k: int, salt: int) -> torch.Tensor:
@@ -126,7 +149,7 @@ def load_digits(path=None) -> ImageData:
     y = torch.from_numpy(d.target.astype(np.int64))
     train, test = _held_out_split(y)
     return ImageData("digits", x[train], y[train], x[test], y[test], [str(i) for i in range(10)],
-                     hflip=False, source="sklearn.datasets.load_digits")
+                     hflip=False, source="sklearn.datasets.load_digits", held_out=True)
 
 
 def _read_idx(path: str, expect_magic: int) -> torch.Tensor:
@@ -228,6 +251,7 @@ def load_folder(path=None, size=None) -> ImageData:
         raise FileNotFoundError(f"image folder {path!r} does not exist")
     size = (size, size) if isinstance(size, int) else size
     top = _class_dirs(path)
+    held_out = False
     test_name = next((s for s in ("test", "val", "valid", "validation") if s in top), None)
     if "train" in top and test_name:
         classes = _class_dirs(os.path.join(path, "train"))
@@ -239,6 +263,7 @@ def load_folder(path=None, size=None) -> ImageData:
         x_te, _, _ = _read_images(f_te, size, mode)
         y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
     else:
+        held_out = True
         classes = top
         files, labels = _list_images(path, classes)
         if not classes or not files:
@@ -250,7 +275,8 @@ def load_folder(path=None, size=None) -> ImageData:
         x_tr, y_tr, x_te, y_te = x[train], y[train], x[test], y[test]
     if len(classes) < 2:
         raise ValueError(f"image folder {path!r} has {len(classes)} class folder(s); a classifier needs at least 2")
-    return ImageData("folder", x_tr, y_tr.long(), x_te, y_te.long(), classes, hflip=True, source=path)
+    return ImageData("folder", x_tr, y_tr.long(), x_te, y_te.long(), classes, hflip=True, source=path,
+                     held_out=held_out)
 
 
 def _npz_images(a, key: str, path: str) -> torch.Tensor:
@@ -336,7 +362,7 @@ def load_npz(path=None) -> ImageData:
         classes = [str(i) for i in range(k)]
     if k < 2:
         raise ValueError(f"{path!r}: y holds a single class; a classifier needs at least 2")
-    return ImageData("npz", x_tr, y_tr, x_te, y_te, classes, hflip=False, source=path)
+    return ImageData("npz", x_tr, y_tr, x_te, y_te, classes, hflip=False, source=path, held_out=not test_keys)
 
 
 DATASETS = {
@@ -359,6 +385,6 @@ def load_dataset(name: str, path: str | None = None, img_size: int | None = None
     data = data.limited(limit_train, limit_test)
     if img_size is not None:
         data = data.resized(img_size)
-    if len(data.y_test) == 0:
+    if len(data.y_test) == 0 and not (data.held_out and data.from_file):
         raise ValueError(f"{data.name} data from {data.source!r} has no test images")
     return data

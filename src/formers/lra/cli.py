@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from formers.cli import check_out_dir, nonnegative_int, positive_float, positive_int
 from formers.data.lra import TASKS
 
 __all__ = ["add_parser", "train_cell", "lr_factor"]
@@ -25,45 +26,74 @@ __all__ = ["add_parser", "train_cell", "lr_factor"]
 
 def _ints(s: str) -> list[int]:
     try:
-        return [int(v) for v in s.split(",") if v]
+        values = [int(v) for v in s.split(",") if v]
     except ValueError:
         raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers, got {s!r}")
+    return values
+
+
+def _nonnegative_float(text: str) -> float:
+    from formers.cli import finite_float
+    v = finite_float(text)
+    if v < 0:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _mechanisms() -> str:
+    try:
+        from formers.attention import list_attentions
+        return ", ".join(list_attentions())
+    except Exception as e:   # noqa: BLE001 - the help must still print
+        return f"(cannot list them: {type(e).__name__}: {e})"
 
 
 def add_parser(subparsers):
+    mechanisms = _mechanisms()
     p = subparsers.add_parser("lra", help="Long Range Arena: train one task with one attention, or --speed",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0],
+                              epilog=f"registered mechanisms (--attention): {mechanisms}")
     p.add_argument("task", nargs="?", help=f"one of {', '.join(TASKS)}")
     p.add_argument("--attention", default=None,
-                   help="registered mechanism (default softmax); with --speed a comma list (default: all registered)")
+                   help=f"registered mechanism (default softmax; one of {mechanisms}); "
+                        "with --speed a comma list (default: all registered)")
     p.add_argument("--attn-options", default=None, help="JSON dict of mechanism options, e.g. '{\"k\": 32}'")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
-    p.add_argument("--seq-len", type=int, default=None, help="listops: max length; text/retrieval: bytes per document")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="the config's base lr (default: the config's)")
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup", type=int, default=None, help="default: the config's, at most 10%% of --steps")
-    p.add_argument("--scale", type=float, default=1.0, help="width multiplier (e.g. 0.25 for CPU)")
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--train-size", type=int, default=None, help="examples to build/use for training")
-    p.add_argument("--test-size", type=int, default=None)
-    p.add_argument("--val-size", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps, at least 1 (default: the config's)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="listops: max length; text/retrieval: bytes per document")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None, help="the config's base lr (default: the config's)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=None)
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="default: the config's, at most 10%% of --steps")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="width multiplier (e.g. 0.25 for CPU)")
+    p.add_argument("--depth", type=positive_int, default=None)
+    p.add_argument("--train-size", type=positive_int, default=None, help="examples to build/use for training")
+    p.add_argument("--test-size", type=positive_int, default=None)
+    p.add_argument("--val-size", type=positive_int, default=None)
     p.add_argument("--cache-dir", default=None, help="dataset cache (default ~/.cache/formers/lra)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--out", default="runs/lra", help="output directory")
     p.add_argument("--no-progress", action="store_true")
     # speed / memory table
     p.add_argument("--speed", action="store_true", help="steps/s and peak memory per mechanism and length")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    p.add_argument("--time-cap", type=float, default=20.0, help="--speed: seconds of timed steps per cell")
-    p.add_argument("--cell-timeout", type=float, default=120.0, help="--speed: seconds before a cell is 'timeout'")
-    p.add_argument("--mem-cap", type=float, default=6.0, help="--speed: GB a cell may allocate before it is 'oom'")
+    p.add_argument("--time-cap", type=positive_float, default=20.0, help="--speed: seconds of timed steps per cell")
+    p.add_argument("--cell-timeout", type=positive_float, default=120.0,
+                   help="--speed: seconds before a cell is 'timeout'")
+    p.add_argument("--mem-cap", type=positive_float, default=6.0,
+                   help="--speed: GB a cell may allocate before it is 'oom'")
     p.set_defaults(func=_run)
     return p
 
 
 def _run(args):
+    check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {}
@@ -158,7 +188,7 @@ def train_cell(task: str, attention: str, steps=None, seq_len=None, batch_size=N
         raise ValueError(f"{task}: the training split is empty")
     base = task_config(task)
     cfg = task_config(task, scale, depth=depth, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
-    steps = steps or cfg.steps
+    steps = cfg.steps if steps is None else steps
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     warm = warmup if warmup is not None else min(cfg.warmup, max(1, steps // 10))

@@ -15,14 +15,12 @@ import json
 import sys
 import types
 
+from formers.cli import finite_float, nonnegative_int, positive_float, positive_int
+from formers.cli import one_line_error as _one_line_error
+
 __all__ = ["add_parser"]
 
 _S = argparse.SUPPRESS
-
-
-def _one_line_error(self, message):
-    print(f"{self.prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _json_object(text: str) -> dict:
@@ -45,14 +43,7 @@ def _size_list(text: str) -> list[int]:
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+_positive_int = positive_int
 
 
 def _data_options(p, suppress: bool):
@@ -70,11 +61,12 @@ def _data_options(p, suppress: bool):
                    help="extra keyword arguments for the model, e.g. '{\"drop_path_rate\": 0.1}'")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=_S if suppress else "fp32",
                    help="bf16: autocast (CPU or GPU), weights stay fp32")
-    p.add_argument("--device", default=d, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--device", default=d, help="cpu | cuda | cuda:N (default: cuda if available)")
 
 
 def add_parser(subparsers):
-    from formers.train.trainer import TrainConfig
+    from formers.train.trainer import (DEFAULT_LABEL_SMOOTHING, DEFAULT_WARMUP_EPOCHS, SHORT_RUN_EPOCHS,
+                                       WARMUP_CAP, TrainConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                 if f.default is not dataclasses.MISSING}
     p = subparsers.add_parser(
@@ -84,26 +76,32 @@ def add_parser(subparsers):
     p.error = types.MethodType(_one_line_error, p)
     p.add_argument("model", help="a registered model name (see `formers list`)")
     _data_options(p, suppress=True)
-    p.add_argument("--out", default=_S, metavar="DIR", help="output directory (default runs/MODEL-DATASET)")
+    p.add_argument("--out", default=_S, metavar="DIR",
+                   help="output directory (default runs/MODEL-DATASET; --out . for the current folder)")
     p.add_argument("--epochs", type=_positive_int, default=_S, help=f"default {defaults['epochs']}")
     p.add_argument("--batch-size", type=_positive_int, default=_S,
                    help=f"global batch, split across processes and --accum steps (default {defaults['batch_size']})")
-    p.add_argument("--lr", type=float, default=_S, help=f"peak AdamW learning rate (default {defaults['lr']})")
-    p.add_argument("--weight-decay", type=float, default=_S, help=f"default {defaults['weight_decay']}")
-    p.add_argument("--warmup-epochs", type=float, default=_S,
-                   help=f"linear warmup, then cosine (default {defaults['warmup_epochs']})")
-    p.add_argument("--min-lr-ratio", type=float, default=_S,
-                   help=f"final lr / peak lr (default {defaults['min_lr_ratio']})")
-    p.add_argument("--label-smoothing", type=float, default=_S, help=f"default {defaults['label_smoothing']}")
-    p.add_argument("--clip-grad", type=float, default=_S, metavar="NORM", help="clip the gradient norm (default off)")
+    p.add_argument("--lr", type=positive_float, default=_S, help=f"peak AdamW learning rate (default {defaults['lr']})")
+    p.add_argument("--weight-decay", type=finite_float, default=_S, help=f"default {defaults['weight_decay']}")
+    p.add_argument("--warmup-epochs", type=finite_float, default=_S,
+                   help=f"linear warm-up, then cosine (default {DEFAULT_WARMUP_EPOCHS:g}); always capped at "
+                        f"{WARMUP_CAP:.0%} of the run's steps, with a note when a longer one is asked for")
+    p.add_argument("--min-lr-ratio", type=finite_float, default=_S,
+                   help=f"final lr / peak lr, in [0, 1] (default {defaults['min_lr_ratio']})")
+    p.add_argument("--label-smoothing", type=finite_float, default=_S,
+                   help=f"in [0, 1) (default {DEFAULT_LABEL_SMOOTHING:g}, or 0 for a run of fewer than "
+                        f"{SHORT_RUN_EPOCHS} epochs)")
+    p.add_argument("--clip-grad", type=positive_float, default=_S, metavar="NORM",
+                   help="clip the gradient norm (default off)")
     p.add_argument("--accum", type=_positive_int, default=_S, help="gradient accumulation steps (default 1)")
     p.add_argument("--ema", action="store_const", const=True, default=_S,
                    help="keep an EMA of the weights (evaluated too)")
-    p.add_argument("--ema-decay", type=float, default=_S, help=f"default {defaults['ema_decay']}")
+    p.add_argument("--ema-decay", type=finite_float, default=_S, help=f"in (0, 1) (default {defaults['ema_decay']})")
     p.add_argument("--in-chans", type=_positive_int, default=_S,
                    help="model input channels (default: the data's; grayscale is repeated for 3)")
     p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default=_S,
-                   help="auto (default): padded random crop, plus flips where the data set allows them")
+                   help=f"auto (default): none for a run of fewer than {SHORT_RUN_EPOCHS} epochs, else a padded "
+                        "random crop, plus flips where the data set allows them")
     p.add_argument("--objective", default=_S, metavar="NAME",
                    help="training objective (default ce; see formers.train.objectives: multires, matformer, ...)")
     p.add_argument("--matformer", dest="objective", action="store_const", const="matformer", default=_S,
@@ -116,14 +114,15 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=_S, help="default 0")
     p.add_argument("--limit-train", type=_positive_int, default=_S, metavar="N",
                    help="use a fixed subset of N training images")
-    p.add_argument("--save-every", type=int, default=_S, metavar="STEPS",
+    p.add_argument("--save-every", type=nonnegative_int, default=_S, metavar="STEPS",
                    help=f"checkpoint every STEPS optimizer steps, and at each epoch's end "
                         f"(default {defaults['save_every']})")
     p.add_argument("--keep", type=_positive_int, default=_S, help="checkpoints kept (default 2)")
     p.add_argument("--eval-batch-size", type=_positive_int, default=_S, help="default 256")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_JSON",
                    help="continue the run in --out from its newest checkpoint (or from the one given; "
-                        "put the model name first: `formers train MODEL --resume`)")
+                        "put the model name first: `formers train MODEL --resume`); with no checkpoint "
+                        "in --out it refuses (one line, exit 2) rather than start over")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=_S,
                    help="no progress bar (it is off anyway when stderr is not a terminal)")
@@ -137,7 +136,9 @@ def add_parser(subparsers):
     e.add_argument("--checkpoint", required=True, metavar="FILE", help="weights file (.safetensors, .pth)")
     _data_options(e, suppress=False)
     e.add_argument("--batch-size", type=_positive_int, default=256)
-    e.add_argument("--split", choices=["test", "train"], default="test")
+    e.add_argument("--split", choices=["test", "train", "all"], default=None,
+                   help="which images (default: all of them for a --data file or folder without a test split "
+                        "of its own, else the test split)")
     e.add_argument("--out", default=None, metavar="DIR",
                    help="where the confusion matrix PNG and eval JSON go (default: beside the checkpoint)")
     e.add_argument("--threads", type=_positive_int, default=None)
@@ -149,6 +150,7 @@ def _cmd_train(args):
 
     import torch
 
+    from formers.cli import check_out_dir, resolve_device
     from formers.train.common import TrainingDiverged
     from formers.train.trainer import TrainConfig, train
     if hasattr(args, "multi_res"):
@@ -166,6 +168,8 @@ def _cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in names}
     if "out" not in given:
         given["out"] = f"runs/{args.model}-{given.get('dataset', 'digits')}"
+    check_out_dir(given["out"])
+    resolve_device(given.get("device"))
     cfg = TrainConfig(**given)
     try:
         train(cfg, resume=args.resume, explicit=set(given))

@@ -46,9 +46,36 @@ def default_img_size(name: str, native: tuple[int, int], in_chans: int, num_clas
     return int(math.ceil(size / div) * div)
 
 
-def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict):
+class _CountOutputs:
+    """Counts the bytes of every tensor the ops of a forward pass create (on the meta device: no
+    memory is used): about what training keeps for the backward pass, per image."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            total = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                # views and in-place results alias an input: only fresh tensors take new memory
+                fresh = [r.alias_info is None for r in func._schema.returns]
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for t, new in zip(outs, fresh + [True] * (len(outs) - len(fresh))):
+                    if new and isinstance(t, torch.Tensor):
+                        Mode.total += t.numel() * t.element_size()
+                return out
+        self.mode = Mode()
+
+    @property
+    def total(self) -> int:
+        return type(self.mode).total
+
+
+def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict) -> int:
     """Build the model on the meta device and run one image through it: a size, channel count
-    or keyword the model cannot take is a ValueError here, before any training."""
+    or keyword the model cannot take is a ValueError here, before any training. Returns the bytes
+    the ops of that one-image forward pass create (an estimate of training's activation memory)."""
     if img_size < 1:
         raise ValueError(f"--img-size must be positive, got {img_size}")
     with torch.device("meta"):
@@ -57,8 +84,9 @@ def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model
     if hasattr(model, "check_input"):
         model.check_input(x)
     model.eval()
+    counter = _CountOutputs()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter.mode:
             out = model(x)
     except ValueError:
         raise
@@ -68,6 +96,7 @@ def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{name} returned {shape} for one image; a classifier should return (1, {num_classes})")
+    return counter.total
 
 
 def autocast(device: torch.device, precision: str):

@@ -55,15 +55,12 @@ def setup(device: str | None = None) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
+    from formers.cli import resolve_device
+    dev = resolve_device(device)             # a device this machine lacks: a one-line ValueError
+    if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local % torch.cuda.device_count())
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
     ctx = DistContext(rank, world, local, dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -55,24 +55,34 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, transform, num_classes: in
 def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = None,
              img_size: int | None = None, batch_size: int = 256, limit_test: int | None = None,
              precision: str = "fp32", model_kwargs: dict | None = None, out: str | None = None,
-             device: str | None = None, split: str = "test") -> dict:
-    """Evaluate a weights file on a data set's test split; print and write the results."""
+             device: str | None = None, split: str | None = None) -> dict:
+    """Evaluate a weights file on a data set; print and write the results.
+
+    `split`: "test", "train" or "all". None: every image of a --data file or folder that has no test
+    split of its own (evaluating a file means all of it), else the test split. The printed line says
+    which images were used."""
     import formers
     from formers.data import BatchTransform, channel_stats, load_dataset
 
     from .common import check_model, default_img_size
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):   # a directory: load_checkpoint says what it is
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     if not os.access(checkpoint, os.R_OK):
         raise ValueError(f"checkpoint {checkpoint!r} is not readable")
-    if split not in ("test", "train"):
-        raise ValueError(f"--split must be test or train, got {split!r}")
+    if split not in (None, "test", "train", "all"):
+        raise ValueError(f"--split must be test, train or all, got {split!r}")
+    from formers.cli import check_out_dir, resolve_device
+    if out is not None:
+        check_out_dir(out)
+    dev = resolve_device(device)
     meta = read_weights_metadata(checkpoint)
     formers.registry.model_entry(model_name)        # an unknown name fails before any data is read
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs.update(model_kwargs or {})
     size = img_size or meta.get("img_size")
-    data_set = load_dataset(dataset, data, img_size=size, limit_test=limit_test)
+    data_set = load_dataset(dataset, data, img_size=size)
+    if split is None:
+        split = "all" if data_set.from_file and data_set.held_out else "test"
     num_classes = meta.get("num_classes", data_set.num_classes)
     if num_classes != data_set.num_classes:
         raise ValueError(f"{checkpoint!r} has a {num_classes}-class head but {dataset} has "
@@ -83,7 +93,6 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
         data_set = data_set.resized(size)
     check_model(model_name, num_classes, in_chans, size, kwargs)
     mean, std = (meta["mean"], meta["std"]) if "mean" in meta else channel_stats(data_set.x_train)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if meta.get("transforms"):   # written by `formers transform`: rebuild the changed structure first
         from formers.transforms import load
         model = load(checkpoint, model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
@@ -91,10 +100,25 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
     else:
         model = formers.create_model(model_name, num_classes=num_classes, in_chans=in_chans, img_size=size,
                                      checkpoint=checkpoint, **kwargs).to(dev)
+    print("weights verified (sha256)" if getattr(model, "checkpoint_verified", False)
+          else "weights not verifiable (no digest: an official release or foreign file)")
     tf = BatchTransform(mean, std, in_chans)
-    x, y = (data_set.x_test, data_set.y_test) if split == "test" else (data_set.x_train, data_set.y_train)
-    res = evaluate(model, x, y, tf, num_classes, batch_size, dev, precision)
+    x, y = {"test": (data_set.x_test, data_set.y_test), "train": (data_set.x_train, data_set.y_train),
+            "all": None}.get(split) or data_set.all_images()
+    total = len(data_set.y_train) + len(data_set.y_test)
+    if limit_test is not None and limit_test < len(y):
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(1002))[:limit_test].sort().values
+        x, y = x[keep], y[keep]
+    if len(y) == 0:
+        raise ValueError(f"{dataset} data from {data_set.source!r} has no {split} images; use --split all")
+    src = os.path.basename(data_set.source) if data_set.from_file else dataset
+    if split == "all":
+        which = f"all {len(y)} images of {src}" if len(y) == total else f"{len(y)} of all {total} images of {src}"
+    else:
+        which = f"the {split} split ({len(y)} of {total} images of {src})"
     out = out or os.path.dirname(os.path.abspath(checkpoint))
+    check_out_dir(out)
+    res = evaluate(model, x, y, tf, num_classes, batch_size, dev, precision)
     os.makedirs(out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     png = os.path.join(out, f"confusion_{stem}_{dataset}_{split}.png")
@@ -103,10 +127,11 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
                    title=f"{model_name} on {dataset} {split}: top-1 {res['top1']:.2f}%")
     summary = {k: v for k, v in res.items() if k != "confusion"}
     summary.update(model=model_name, checkpoint=checkpoint, dataset=dataset, split=split, img_size=size,
+                   images=which,
                    confusion=res["confusion"].tolist(), classes=data_set.classes, confusion_png=png)
     with open(os.path.join(out, f"eval_{stem}_{dataset}_{split}.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"{model_name} on {dataset} {split} ({res['n']} images, {size}px): top-1 {res['top1']:.2f}%  "
+    print(f"{model_name} on {which}, {size}px: top-1 {res['top1']:.2f}%  "
           f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
     print(f"confusion matrix: {png}")
     return summary

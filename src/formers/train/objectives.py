@@ -50,13 +50,18 @@ class Objective:
         resumed run rebuilds the same structure."""
         return model
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy; a model whose training forward returns several logits (UniFormer-light's
+        (head, cls head)) gets the mean of their losses, as its official training does."""
+        if isinstance(logits, (tuple, list)):
+            return sum(self.loss(one, y) for one in logits) / len(logits)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
-        """Return (loss, logits) for one micro-batch; `step` counts optimizer steps from 0."""
-        logits = model(x)
-        return self.loss(logits, y), logits
+        """Return (loss, logits) for one micro-batch (the first logits, for the metrics, where the
+        model returns several); `step` counts optimizer steps from 0."""
+        out = model(x)
+        return self.loss(out, y), out[0] if isinstance(out, (tuple, list)) else out
 
 
 register_objective(Objective)

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -49,9 +50,9 @@ class TrainConfig:
     batch_size: int = 128                # global: split across processes and accumulation steps
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None   # None: 1 epoch; always capped at WARMUP_CAP of the run's steps
     min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
+    label_smoothing: float | None = None  # None: 0.1, or 0 for a short run (< SHORT_RUN_EPOCHS epochs)
     clip_grad: float | None = None
     accum: int = 1
     ema: bool = False
@@ -62,7 +63,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     objective: str = "ce"                # see objectives.py: ce | multires | matformer | sparse ...
     objective_kwargs: dict = field(default_factory=dict)
-    augment: str = "auto"                # auto | none | crop | crop-flip
+    augment: str = "auto"                # auto | none | crop | crop-flip (auto: none for a short run)
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -76,6 +77,12 @@ class TrainConfig:
 
 
 RESUME_FREE = {"epochs", "out", "save_every", "keep", "eval_batch_size", "device", "progress"}
+# the default recipe. A warm-up longer than ~10% of a run hurts every short run (as in `formers lra`);
+# a run of few epochs learns more without augmentation or label smoothing (it does not overfit yet)
+WARMUP_CAP = 0.1
+DEFAULT_WARMUP_EPOCHS = 1.0
+DEFAULT_LABEL_SMOOTHING = 0.1
+SHORT_RUN_EPOCHS = 10
 _RESERVED_KWARGS = {"num_classes": "the data set's classes", "in_chans": "--in-chans", "img_size": "--img-size"}
 
 
@@ -96,13 +103,23 @@ def _validate(cfg: TrainConfig):
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     formers.registry.model_entry(cfg.model)    # unknown model: a clear error with suggestions
+    def finite(v):
+        return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
+    for opt, v in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--warmup-epochs", cfg.warmup_epochs),
+                   ("--min-lr-ratio", cfg.min_lr_ratio), ("--label-smoothing", cfg.label_smoothing),
+                   ("--clip-grad", cfg.clip_grad), ("--ema-decay", cfg.ema_decay)):
+        if not finite(v):
+            raise ValueError(f"{opt} must be a finite number, got {v}")
     checks = [
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
-        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (cfg.warmup_epochs is None or cfg.warmup_epochs >= 0,
+         f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
+        (0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio (final lr / peak lr) must be in [0, 1], got {cfg.min_lr_ratio}"),
+        (cfg.label_smoothing is None or 0 <= cfg.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad must be positive, got {cfg.clip_grad}"),
         (cfg.accum >= 1, f"--accum must be at least 1, got {cfg.accum}"),
         (0 < cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}"),
@@ -121,7 +138,7 @@ def _validate(cfg: TrainConfig):
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)   # unknown name / bad kwargs
+    build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing or 0.0)   # unknown name / bad kwargs
     for k, what in _RESERVED_KWARGS.items():
         if k in cfg.model_kwargs:
             raise ValueError(f"--model-kwargs may not set {k!r}; it comes from {what}")
@@ -132,8 +149,11 @@ def _merge_resumed(cfg: TrainConfig, saved: dict, explicit: set | None) -> Train
     A setting that changes what is learned and differs from the saved run is an error."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = names if explicit is None else (set(explicit) & names)
+    auto = {"augment": "auto", "label_smoothing": None, "warmup_epochs": None}   # resolved when the run began
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
-             for k in sorted(given - RESUME_FREE) if k in saved and saved[k] != getattr(cfg, k)]
+             for k in sorted(given - RESUME_FREE) if k in saved and saved[k] != getattr(cfg, k)
+             and not (k in auto and getattr(cfg, k) == auto[k])]
+    given = {k for k in given if not (k in auto and getattr(cfg, k) == auto[k])}
     if diffs:
         raise ValueError("--resume with settings that differ from the checkpoint's run (" + "; ".join(diffs)
                          + "); drop them or start a new --out")
@@ -153,32 +173,64 @@ def _params_digest(model) -> str:
 def train(cfg: TrainConfig, resume: bool | str = False, explicit: set | None = None) -> dict:
     """Run (or continue, with `resume`) one training run; returns the summary written to summary.json.
 
-    `resume`: True continues from the newest checkpoint in OUT/checkpoints (starting fresh if there is
-    none), a path continues from that checkpoint's JSON. `explicit`: the config fields the user set
-    (the CLI passes them so that a resumed run takes the rest from its checkpoint)."""
+    `resume`: True continues from the newest checkpoint in OUT/checkpoints (a ValueError if there is
+    none: a run the user believes is continued never silently starts over), a path continues from
+    that checkpoint's JSON. `explicit`: the config fields the user set (the CLI passes them so that a
+    resumed run takes the rest from its checkpoint). A run that does not fit in memory raises
+    `formers.cli.OutOfMemory` naming the model, image size, batch size and (where known) the need."""
+    from formers.cli import check_out_dir, resolve_device
+    check_out_dir(cfg.out)
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data) if cfg.data else None,
                               model_kwargs=dict(cfg.model_kwargs or {}))
     state = None
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     if resume:
         json_path = resume if isinstance(resume, str) else find_latest(ckpt_dir)
-        if json_path is not None:
-            state = load_train_state(json_path)
-            cfg = _merge_resumed(cfg, state[0]["config"], explicit)
+        if json_path is None:
+            raise ValueError(f"--resume: no checkpoint in {ckpt_dir} to continue from; drop --resume to start "
+                             "a new run there, or give the --out of the run to continue")
+        state = load_train_state(json_path)
+        cfg = _merge_resumed(cfg, state[0]["config"], explicit)
     _validate(cfg)
-    run = _Run(cfg, state, resume_asked=bool(resume))
-    ctx = setup(cfg.device)
-    run.ctx = ctx
+    resolve_device(cfg.device)          # a device this machine lacks: one line, before the data is read
+    try:
+        run = _Run(cfg, state, resume_asked=bool(resume))
+        ctx = setup(cfg.device)
+        run.ctx = ctx
+    except Exception as e:
+        _raise_if_oom(e, cfg, cfg.img_size, "preparing the data")
+        raise
     try:
         summary = run.run()
-    except BaseException:
+    except BaseException as e:
         if ctx.initialized_here:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+        _raise_if_oom(e, run.cfg, run.img_size, f"step {run.progress['step'] + 1}" if hasattr(run, "progress")
+                      else "building the model")
         raise
     teardown(ctx)
     return summary
+
+
+def _raise_if_oom(e: BaseException, cfg: TrainConfig, img_size, where: str):
+    """An allocator failure becomes one OutOfMemory naming what was asked for and what it needed."""
+    from formers.cli import OutOfMemory, available_memory, fmt_bytes, is_out_of_memory, requested_bytes
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(e, OutOfMemory):      # an estimate made before any allocation: say what run it was
+        if str(e).startswith(cfg.model):
+            raise e
+        raise OutOfMemory(f"{cfg.model}, batch {cfg.batch_size}, on {dev}: {e}") from None
+    if not is_out_of_memory(e):
+        return
+    need = requested_bytes(e)
+    free = available_memory()
+    raise OutOfMemory(
+        f"{cfg.model} at {img_size}x{img_size} px, batch {cfg.batch_size}, on {dev}, while {where}"
+        + (f": an allocation of {fmt_bytes(need)} failed" if need else "")
+        + (f" ({fmt_bytes(free)} of host memory available)" if free and dev == "cpu" else "")
+        + "; lower --img-size or --batch-size (or use --accum)") from None
 
 
 class _Run:
@@ -186,6 +238,8 @@ class _Run:
         self.cfg = cfg
         self.state = state
         self.resume_asked = resume_asked
+        self.notes: list[str] = []
+        self.recipe_why: dict = {}
         self.ctx: DistContext | None = None
         self.t_start = time.perf_counter()
         self.last_plot = -float("inf")
@@ -198,6 +252,8 @@ class _Run:
         cfg = self.cfg
         data = load_dataset(cfg.dataset, cfg.data, img_size=cfg.img_size,
                             limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+        if len(data.y_test) == 0:
+            raise ValueError(f"{data.name} data from {data.source!r} has no test images to evaluate the run on")
         self.in_chans = cfg.in_chans or data.channels
         if data.channels not in (1, self.in_chans):
             raise ValueError(f"{data.name} images have {data.channels} channels; --in-chans {self.in_chans} "
@@ -205,16 +261,62 @@ class _Run:
         size = cfg.img_size or default_img_size(cfg.model, data.size, self.in_chans, data.num_classes,
                                                 cfg.model_kwargs)
         self.img_size = size
-        check_model(cfg.model, data.num_classes, self.in_chans, size, cfg.model_kwargs)
+        self.act_bytes = check_model(cfg.model, data.num_classes, self.in_chans, size, cfg.model_kwargs)
         # the checkpoints record the sizes actually used, so a resumed run never re-derives them
         self.cfg = cfg = dataclasses.replace(cfg, img_size=size, in_chans=self.in_chans)
         self.data = data.resized(size)
         self.mean, self.std = channel_stats(self.data.x_train)
+        self.cfg = cfg = self._resolve_recipe(cfg, len(data.y_train), data.hflip)
         aug = cfg.augment
-        pad = max(1, size // 8) if aug in ("auto", "crop", "crop-flip") else 0
-        flip = data.hflip if aug == "auto" else aug == "crop-flip"
-        self.train_tf = BatchTransform(self.mean, self.std, self.in_chans, crop_pad=pad, hflip=flip)
+        pad = max(1, size // 8) if aug in ("crop", "crop-flip") else 0
+        self.train_tf = BatchTransform(self.mean, self.std, self.in_chans, crop_pad=pad, hflip=aug == "crop-flip")
         self.test_tf = BatchTransform(self.mean, self.std, self.in_chans)
+
+    def _resolve_recipe(self, cfg: TrainConfig, n_train: int, hflip: bool) -> TrainConfig:
+        """Turn the 'auto' settings into the values used, and cap the warm-up at WARMUP_CAP of the run.
+        The checkpoints record the resolved values, so a resumed run keeps them."""
+        short = cfg.epochs < SHORT_RUN_EPOCHS
+        why = {}
+        if cfg.augment == "auto":
+            cfg = dataclasses.replace(cfg, augment="none" if short else ("crop-flip" if hflip else "crop"))
+            why["augment"] = f"auto: {'a short run' if short else 'padded crop' + (' + flip' if hflip else '')}"
+        if cfg.label_smoothing is None:
+            cfg = dataclasses.replace(cfg, label_smoothing=0.0 if short else DEFAULT_LABEL_SMOOTHING)
+            why["label_smoothing"] = "auto" + (": a short run" if short else "")
+        steps_per_epoch = max(1, n_train // max(1, cfg.batch_size))
+        asked = DEFAULT_WARMUP_EPOCHS if cfg.warmup_epochs is None else cfg.warmup_epochs
+        cap = WARMUP_CAP * cfg.epochs
+        if asked > cap:
+            if cfg.warmup_epochs is not None:
+                self.notes.append(f"note: --warmup-epochs {cfg.warmup_epochs:g} is longer than "
+                                  f"{WARMUP_CAP:.0%} of the run's {cfg.epochs * steps_per_epoch} steps; "
+                                  f"capped at {cap:g} epochs (a longer warm-up hurts a short run)")
+            why["warmup"] = f"capped at {WARMUP_CAP:.0%} of the run"
+            asked = cap
+        elif cfg.warmup_epochs is None:
+            why["warmup"] = "default"
+        self.recipe_why = why
+        return dataclasses.replace(cfg, warmup_epochs=float(asked))
+
+    def recipe_line(self) -> str:
+        """The run's first printed line: the optimizer, schedule and regularisation actually used."""
+        cfg, why = self.cfg, self.recipe_why
+        steps = self.scheduler.warmup
+        total = self.scheduler.total
+        parts = [f"recipe: AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}",
+                 f"warm-up {steps} steps ({steps / self.steps_per_epoch:.2g} epochs"
+                 + (f", {why['warmup']}" if "warmup" in why else "") + ")",
+                 f"cosine over {total} steps to {cfg.min_lr_ratio:g}x lr",
+                 f"label smoothing {cfg.label_smoothing:g}"
+                 + (f" ({why['label_smoothing']})" if "label_smoothing" in why else ""),
+                 f"augmentation {cfg.augment}" + (f" ({why['augment']})" if "augment" in why else "")]
+        if cfg.clip_grad:
+            parts.append(f"clip {cfg.clip_grad:g}")
+        if cfg.ema:
+            parts.append(f"EMA {cfg.ema_decay:g}")
+        if cfg.objective != "ce":
+            parts.append(f"objective {cfg.objective}")
+        return ", ".join(parts)
 
     def _build(self):
         from formers.data import EpochSampler
@@ -224,6 +326,7 @@ class _Run:
             raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum "
                              f"= {ctx.world_size} x {cfg.accum} = {per_step}")
         self.micro = cfg.batch_size // per_step
+        self._check_memory(ctx.device)
         self.sampler = EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed)
         self.steps_per_epoch = len(self.sampler)
         _seed_all(cfg.seed)
@@ -233,8 +336,9 @@ class _Run:
         self.model = self.objective.prepare(model).to(ctx.device)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.scheduler = WarmupCosine(self.optimizer, cfg.epochs * self.steps_per_epoch,
-                                      round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr_ratio)
+        total = cfg.epochs * self.steps_per_epoch
+        warm = min(round(cfg.warmup_epochs * self.steps_per_epoch), math.floor(WARMUP_CAP * total))
+        self.scheduler = WarmupCosine(self.optimizer, total, warm, cfg.min_lr_ratio)
         # dropout / drop-path draws differ between processes (the data slices do too)
         _seed_all(cfg.seed * 1000 + 17 + ctx.rank)
         if ctx.device.type == "cuda":
@@ -243,6 +347,21 @@ class _Run:
         self.progress = dict(epoch=0, position=0, step=0, best_acc=-1.0, best_epoch=0, best_weights=None,
                              elapsed=0.0, train_time=0.0, train_images=0, last_eval=None,
                              ep_loss=0.0, ep_correct=0, ep_seen=0, ep_time=0.0)
+
+    def _check_memory(self, device: torch.device):
+        """Refuse, before building anything, a micro-batch whose activations cannot fit: a CPU run that
+        outgrows memory is killed by the kernel, with no error to report."""
+        from formers.cli import OutOfMemory, available_memory, fmt_bytes
+        need = self.act_bytes * self.micro
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = available_memory()
+        if free is not None and need > free:
+            raise OutOfMemory(f"{self.cfg.model} at {self.img_size}x{self.img_size} px, micro-batch {self.micro} "
+                              f"(batch {self.cfg.batch_size}), on {device.type}: its activations need about "
+                              f"{fmt_bytes(need)} and {fmt_bytes(free)} is free; lower --img-size or "
+                              f"--batch-size (or use --accum)")
 
     def _restore(self, meta: dict, tensors: dict):
         cfg, ctx = self.cfg, self.ctx
@@ -317,6 +436,9 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         self.ckpt_dir = os.path.join(cfg.out, "checkpoints")
         self._build()
+        _log(ctx, self.recipe_line())
+        for note in self.notes:
+            _log(ctx, note)
         if ctx.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             clean_temp(self.ckpt_dir)
@@ -335,9 +457,7 @@ class _Run:
             rows = []
             if ctx.is_main:
                 old = find_latest(self.ckpt_dir)
-                if self.resume_asked:
-                    print(f"note: no checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
-                elif old is not None:
+                if old is not None:
                     print(f"note: {cfg.out} held an earlier run; starting a new one (use --resume to continue)",
                           flush=True)
                 for p in os.listdir(self.ckpt_dir):

@@ -8,16 +8,24 @@ Each transform adds its own options: `formers transform NAME --help`.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import types
+
+from formers.cli import check_out_file, positive_int
+from formers.cli import one_line_error as _one_line_error
 
 __all__ = ["add_parser"]
 
 
-def _one_line_error(self, message):
-    print(f"{self.prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def add_parser(subparsers):
@@ -33,9 +41,9 @@ def add_parser(subparsers):
         t.add_argument("--model", required=True, help="registered model name")
         t.add_argument("--checkpoint", default=None, metavar="FILE",
                        help="weights: a `formers train` file (records classes/size/channels) or any loadable file")
-        t.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON")
+        t.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON")
         t.add_argument("--out", required=True, metavar="FILE.safetensors")
-        t.add_argument("--threads", type=int, default=None)
+        t.add_argument("--threads", type=positive_int, default=None)
         entry.add_arguments(t)
         t.set_defaults(func=_cmd_transform)
 
@@ -67,6 +75,7 @@ def _cmd_transform(args):
     import torch
 
     from formers.transforms.base import get_transform, save
+    check_out_file(args.out)               # before any work: an unwritable --out is one line
     if args.threads:
         torch.set_num_threads(args.threads)
     entry = get_transform(args.transform)
