@@ -51,7 +51,8 @@ def symmetric_pad(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
     """Extend `x` by `pad` samples at both ends of `dim` with half-sample symmetry ([b a | a b c | c b]),
     reflecting again as often as needed when pad > length."""
     n = x.shape[dim]
-    idx = torch.arange(-pad, n + pad, device=x.device).remainder(2 * n)
+    idx = torch.arange(-pad, n + pad, device=x.device)
+    idx = idx.remainder(idx.new_full((), 2 * n))  # a tensor divisor: ONNX's Mod takes no symbolic scalar
     idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
     return x.index_select(dim, idx)
 

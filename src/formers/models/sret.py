@@ -112,8 +112,8 @@ class SlicedGroupAttention(nn.Module):
         else:
             x = x.unflatten(1, (g, -1))
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # each (B, G, heads, N/G, head_dim)
-        x = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
+        q, k, v = qkv.flatten(1, 2).unbind(0)  # each (B*G, heads, N/G, head_dim): 4-D for the flash kernel and ONNX
+        x = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0).unflatten(0, (x.shape[0], g))
         x = x.transpose(2, 3).flatten(3)  # (B, G, N/G, C)
         if order == "strided":
             x = x.transpose(1, 2)
