@@ -17,12 +17,18 @@ the outputs are the official classifier's, and at other sizes they are the offic
 (The official detection/segmentation configs also change S: n_win=16 on COCO, 8 on ADE20K; pass
 `n_win=` for that. The repository's later NCHW rewrite, ops/bra_nchw.py, pads differently and is not
 what the released weights were trained with.)
+
+Under torch.export the padding, the regions' reassembly and the crop are index gathers whose shapes need
+no guard, so one exported program takes a dynamic height and width: from 113 px when traced at 128 or
+more, where every routed stage's regions are at least 2 x 2 (a region of one pixel at the traced size
+would be specialised to one).
 """
 from __future__ import annotations
 
 import re
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -32,7 +38,7 @@ from formers.layers.attention import sdpa
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.helpers import feature_take_indices, to_2tuple
 from formers.layers.mlp import Mlp
-from formers.layers.windows import window_partition, window_reverse
+from formers.layers.windows import compiling, crop_hw, window_partition, window_reverse
 from formers.layers.pool import pool_map
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
@@ -74,7 +80,7 @@ class BiLevelRoutingAttention(nn.Module):
         q_r = q_reg.detach().mean(2)
         k_r = k_reg.detach().mean(2)
         affinity = (q_r * self.scale) @ k_r.transpose(-1, -2)  # (B, R, R)
-        return affinity.topk(self.topk, dim=-1).indices
+        return affinity.topk(self.topk, dim=-1)[1]  # the indices ([1]: TorchScript returns a plain tuple)
 
     @staticmethod
     def gather_regions(x_reg, idx):
@@ -84,37 +90,71 @@ class BiLevelRoutingAttention(nn.Module):
         (B*R, n*c); gathering from an R-times expanded view, as the official code does, would
         allocate and scatter into R copies of the map in the backward pass.
         """
-        b, r, n, c = x_reg.shape
+        b, r, n, c = x_reg.shape[0], x_reg.shape[1], x_reg.shape[2], x_reg.shape[3]
         k = idx.shape[-1]
         rows = (idx + r * torch.arange(b, device=idx.device).view(b, 1, 1)).reshape(b * r * k)
         return x_reg.reshape(b * r, n * c).index_select(0, rows).reshape(b, r, k * n, c)
 
     def forward(self, x):
-        b, h, w, c = x.shape
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed, not unpacked: torch.fx traces it
         s = self.n_win
-        pad_b, pad_r = (-h) % s, (-w) % s
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        rh, rw = hp // s, wp // s  # region size; R = s*s regions of n = rh*rw tokens
+        rh, rw = (h + s - 1) // s, (w + s - 1) // s  # region size; R = s*s regions of n = rh*rw tokens
+        hp, wp = s * rh, s * rw  # (sizes written as multiples of the regions: torch.export needs no guard)
+        x = _pad_to(x, hp, wp)  # zeros at the bottom/right (the official auto_pad)
         q, kv = self.qkv(x).split([self.qk_dim, self.qk_dim + c], dim=-1)
         q_reg = window_partition(q, rh, rw)  # (B, R, n, qk)
         kv_reg = window_partition(kv, rh, rw)  # (B, R, n, qk + C)
         idx = self.route(q_reg, kv_reg[..., :self.qk_dim])
         kv_sel = self.gather_regions(kv_reg, idx)  # (B, R, topk*n, qk + C)
 
-        r, n, m = s * s, rh * rw, self.num_heads
-        q = q_reg.reshape(b * r, n, m, -1).transpose(1, 2)  # heads split the channels in order
-        k_sel, v_sel = kv_sel.reshape(b * r, -1, self.qk_dim + c).split([self.qk_dim, c], dim=-1)
-        k_sel = k_sel.reshape(b * r, -1, m, self.qk_dim // m).transpose(1, 2)
-        v_sel = v_sel.reshape(b * r, -1, m, c // m).transpose(1, 2)
+        # explicit sizes, no -1: a batch of zero images reshapes too
+        r, n, m, sel = s * s, rh * rw, self.num_heads, self.topk * rh * rw
+        q = q_reg.reshape(b * r, n, m, self.qk_dim // m).transpose(1, 2)  # heads split the channels in order
+        k_sel, v_sel = kv_sel.reshape(b * r, sel, self.qk_dim + c).split([self.qk_dim, c], dim=-1)
+        k_sel = k_sel.reshape(b * r, sel, m, self.qk_dim // m).transpose(1, 2)
+        v_sel = v_sel.reshape(b * r, sel, m, c // m).transpose(1, 2)
         out = sdpa(q, k_sel, v_sel, dropout=self.attn_drop if self.training else 0.0, scale=self.scale)
-        out = window_reverse(out.transpose(1, 2).reshape(b, r, n, c), rh, rw, hp, wp)
+        out = _merge_regions(out.transpose(1, 2).reshape(b, r, n, c), s, rh, rw)
 
         v_map = kv[..., self.qk_dim:].permute(0, 3, 1, 2)
         out = out + self.lepe(v_map).permute(0, 2, 3, 1)
-        out = self.proj(out)
-        return out[:, :h, :w] if pad_b or pad_r else out
+        return _crop_to(self.proj(out), h, w)
+
+
+def _merge_regions(x: torch.Tensor, s: int, rh: int, rw: int) -> torch.Tensor:
+    """(B, s*s, rh*rw, C) region tokens -> the (B, s*rh, s*rw, C) map (window_reverse). Under torch.compile /
+    torch.export every pixel is gathered from its region by index: reshaping (s, rh) into one axis would add
+    guards on the size (s % (s * rh) != 0) that the exporter cannot prove for a dynamic height and width."""
+    if compiling():
+        x = x.view(x.shape[0], s, s, rh, rw, x.shape[3])
+        i, j = torch.arange(s * rh, device=x.device)[:, None], torch.arange(s * rw, device=x.device)[None, :]
+        ri, rj = i // rh, j // rw  # the region of each pixel, then its place in it (no `%`: ONNX lacks it here)
+        return x[:, ri, rj, i - ri * rh, j - rj * rw]
+    return window_reverse(x, rh, rw, s * rh, s * rw)
+
+
+def _pad_to(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    """(B, H, W, C) zero-padded at the bottom/right to (B, hp, wp, C): x itself when it fits (eager), a pad
+    by a possibly-zero amount under torch.compile / torch.export."""
+    if compiling() or x.shape[1] != hp or x.shape[2] != wp:
+        x = F.pad(x, (0, 0, 0, wp - x.shape[2], 0, hp - x.shape[1]))
+    return x
+
+
+def _crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H', W', C) -> its top-left (B, h, w, C), the inverse of _pad_to. Under torch.compile / torch.export
+    the rows and columns are gathered by index: a slice would make the tracer guard on whether anything was
+    padded, fixing the exported program to sizes of one kind."""
+    if compiling():
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        return x.index_select(1, rows).index_select(2, cols)
+    return crop_hw(x, h, w)
+
+
+# padding and cropping decided from the real size at run time: one torch.fx node each, so a traced model
+# takes any size
+torch.fx.wrap("_pad_to")
+torch.fx.wrap("_crop_to")
 
 
 class AttentionLePE(nn.Module):
@@ -135,7 +175,7 @@ class AttentionLePE(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        b, h, w, c = x.shape
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
         out = sdpa(q, k, v, dropout=self.attn_drop if self.training else 0.0)
@@ -196,8 +236,8 @@ class BiFormerStage(nn.Module):
     def forward(self, x):
         x = self.downsample(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, use_reentrant=False)
+            if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, use_reentrant=False)  # TorchScript has no activation checkpointing
             else:
                 x = blk(x)
         return x
@@ -252,7 +292,8 @@ class BiFormer(Backbone):
 
     def forward_features(self, x):
         """(B, C, H, W) -> the normalised stage-4 map (B, C4, ceil(H/32), ceil(W/32))."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)

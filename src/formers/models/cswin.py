@@ -13,68 +13,141 @@ also mask the padded keys out of attention (`pad_mask=True`), so real tokens nev
 padding; `pad_mask=False` reproduces the official segmentation backbone exactly. At the paper's
 resolutions nothing is padded and the logits are the official ones.
 """
-from __future__ import annotations
+from typing import List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from formers.layers.attention import sdpa
 from formers.layers.helpers import cached_constant
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.mlp import Mlp
 from formers.layers.patch_embed import PatchEmbed
+from formers.layers.windows import compiling
 from formers.registry import ModelCard, register_model
 
 from .base import ChannelsLastPyramid, Stage, init_trunc_normal
 
-__all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
+__all__ = ["CrossShapedAttention", "CSWinTransformer", "checkpoint_filter_fn"]
+
+
+def _real_keys(nh: int, nw: int, wh: int, ww: int, top: int, left: int, h: int, w: int,
+               device: torch.device) -> torch.Tensor:
+    """(nW, wh*ww) bool, True at the real tokens of each window of a map padded to (nh, nw) windows of
+    (wh, ww), whose real (h, w) part starts at (top, left)."""
+    rows = torch.arange(nh * wh, device=device)
+    cols = torch.arange(nw * ww, device=device)
+    real = ((rows >= top) & (rows < top + h))[:, None] & ((cols >= left) & (cols < left + w))[None, :]
+    return real.view(nh, wh, nw, ww).transpose(1, 2).reshape(nh * nw, wh * ww)
 
 
 @cached_constant(maxsize=128)
-def _real_key_mask(hp: int, wp: int, wh: int, ww: int, top: int, left: int, h: int, w: int, device: str):
-    """(1, nW, 1, 1, wh*ww) bool, True at the real tokens of each window of a padded (hp, wp) map
-    whose real (h, w) part starts at (top, left)."""
-    dev = torch.device(device)
-    rows = torch.arange(hp, device=dev)
-    cols = torch.arange(wp, device=dev)
-    real = ((rows >= top) & (rows < top + h))[:, None] & ((cols >= left) & (cols < left + w))[None, :]
-    real = real.view(hp // wh, wh, wp // ww, ww).transpose(1, 2)
-    return real.reshape(1, -1, 1, 1, wh * ww)
+def _cached_real_keys(nh: int, nw: int, wh: int, ww: int, top: int, left: int, h: int, w: int, device: str):
+    """_real_keys, cached: it depends on sizes only."""
+    return _real_keys(nh, nw, wh, ww, top, left, h, w, torch.device(device))
 
 
-def stripe_attention(qkv, heads: int, window: tuple[int | None, int | None], lepe: nn.Module,
-                     pad_mask: bool = True, dropout: float = 0.0):
-    """Attention within (wh, ww) windows of a map, plus LePE; None in `window` means the whole side.
+def _real_key_mask(nh: int, nw: int, wh: int, ww: int, top: int, left: int, h: int, w: int,
+                   device: torch.device) -> torch.Tensor:
+    """_real_keys from the cache in eager mode; computed in the graph under TorchScript, torch.compile and
+    torch.export (sizes there may be symbolic, and a cache would bake one size in)."""
+    if torch.jit.is_scripting():
+        return _real_keys(nh, nw, wh, ww, top, left, h, w, device)
+    else:
+        if compiling():
+            return _real_keys(nh, nw, wh, ww, top, left, h, w, device)
+        return _cached_real_keys(nh, nw, wh, ww, top, left, h, w, str(device))
 
-    qkv: (B, H, W, 3, C) channels-last. A side that is not a multiple of its window is zero-padded
-    symmetrically (the extra row/column at the bottom/right); `pad_mask` keeps padded keys out of
-    attention. Returns (B, H, W, C).
-    """
-    b, h, w, _, c = qkv.shape
-    wh, ww = window[0] or h, window[1] or w
-    ph, pw = -h % wh, -w % ww
+
+def _needs_padding(ph: int, pw: int) -> bool:
+    """Whether a pad by (ph, pw) does anything. Under torch.compile / torch.export, where the amounts may
+    be symbolic, only an amount known to be 0 for every size counts as none (a whole-side window)."""
+    if torch.jit.is_scripting():
+        return ph != 0 or pw != 0
+    else:
+        if compiling():
+            return not (statically_known_true(ph == 0) and statically_known_true(pw == 0))
+        return ph != 0 or pw != 0
+
+
+def _stripes(n: int, width: int) -> Tuple[int, int]:
+    """(window, count) of stripes of `width` along a side of n tokens (width 0: one window, the whole side)."""
+    if width == 0:
+        return n, 1
+    return width, (n + width - 1) // width
+
+
+def _pad_stripes(qkv: torch.Tensor, sh: int, sw: int, pad_mask: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, H, W, 3, C) zero-padded symmetrically to whole (sh, sw) stripes (the extra row/column at the
+    bottom/right; 0: the whole side) and, with `pad_mask`, the (B * nW, 1, 1, N) bool mask of the real keys
+    of each window (None when nothing is padded). One torch.fx node: the padding is decided at run time."""
+    b, h, w = qkv.shape[0], qkv.shape[1], qkv.shape[2]
+    (wh, nh), (ww, nw) = _stripes(h, sh), _stripes(w, sw)
+    ph, pw = nh * wh - h, nw * ww - w
     top, left = ph // 2, pw // 2
-    if ph or pw:
-        qkv = F.pad(qkv, (0, 0, 0, 0, left, pw - left, top, ph - top))
-    hp, wp = h + ph, w + pw
-    nh, nw = hp // wh, wp // ww
-    d = c // heads
-    # (B, hp, wp, 3, C) -> 3 x (B * windows, heads, tokens per window, d); 4-D so SDPA takes a fused kernel
-    qkv = qkv.view(b, nh, wh, nw, ww, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
-    q, k, v = qkv.reshape(3, b * nh * nw, heads, wh * ww, d).unbind(0)
+    mask: Optional[torch.Tensor] = None
+    if _needs_padding(ph, pw):
+        qkv = F.pad(qkv, [0, 0, 0, 0, left, pw - left, top, ph - top])
+        if pad_mask:
+            real = _real_key_mask(nh, nw, wh, ww, top, left, h, w, qkv.device)  # (nW, N)
+            mask = real[None].expand(b, nh * nw, wh * ww).reshape(b * nh * nw, 1, 1, wh * ww)
+    return qkv, mask
 
-    # LePE: a depthwise conv on V, each window seen as its own small image (zeros beyond its border)
-    v_img = v.view(-1, heads, wh, ww, d).permute(0, 1, 4, 2, 3).reshape(-1, c, wh, ww)
-    pos = lepe(v_img).view(-1, heads, d, wh * ww).transpose(-1, -2)
 
-    mask = None
-    if pad_mask and (ph or pw):
-        mask = _real_key_mask(hp, wp, wh, ww, top, left, h, w, str(qkv.device))
-        mask = mask.expand(b, -1, -1, -1, -1).reshape(b * nh * nw, 1, 1, wh * ww)
-    x = sdpa(q, k, v, mask, dropout) + pos  # (B * nW, heads, N, d)
-    x = x.view(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
-    return x[:, top:top + h, left:left + w] if (ph or pw) else x
+def _crop_stripes(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of _pad_stripes' padding: the real (B, h, w, C) middle of a padded map. Under
+    torch.compile / torch.export a gather of the real rows and columns: a slice would be contiguous for
+    some sizes and not others, and torch.export would specialise the program to the traced case."""
+    ph, pw = x.shape[1] - h, x.shape[2] - w
+    if not _needs_padding(ph, pw):
+        return x
+    if torch.jit.is_scripting():
+        return x[:, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+    else:
+        if compiling():
+            rows = torch.arange(h, device=x.device) + ph // 2
+            cols = torch.arange(w, device=x.device) + pw // 2
+            return x.index_select(1, rows).index_select(2, cols)
+        return x[:, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+
+
+torch.fx.wrap("_pad_stripes")
+torch.fx.wrap("_crop_stripes")
+
+
+def stripe_windows(qkv: torch.Tensor, heads: int, sh: int, sw: int,
+                   pad_mask: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(B, H, W, 3, C) channels-last qkv -> q, k, v of its windows of (sh, sw) stripes (0: the whole side),
+    each (B * nW, heads, N, d) (4-D, so SDPA takes a fused kernel), and the mask of padded keys or None."""
+    b, h, w, c = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[4]
+    (wh, nh), (ww, nw) = _stripes(h, sh), _stripes(w, sw)
+    qkv, mask = _pad_stripes(qkv, sh, sw, pad_mask)
+    qkv = qkv.view(b, nh, wh, nw, ww, 3, heads, c // heads).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    qkv = qkv.reshape(3, b * nh * nw, heads, wh * ww, c // heads)
+    return qkv[0], qkv[1], qkv[2], mask
+
+
+def window_images(v: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(B * nW, heads, wh*ww, d) -> (B * nW, heads * d, wh, ww): each window as its own small image, for LePE."""
+    bw, heads, d = v.shape[0], v.shape[1], v.shape[3]
+    return v.view(bw, heads, wh, ww, d).permute(0, 1, 4, 2, 3).reshape(bw, heads * d, wh, ww)
+
+
+def window_tokens(img: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of window_images: (B * nW, heads * d, wh, ww) -> (B * nW, heads, wh*ww, d)."""
+    bw, c, wh, ww = img.shape[0], img.shape[1], img.shape[2], img.shape[3]
+    return img.view(bw, heads, c // heads, wh * ww).transpose(-1, -2)
+
+
+def merge_windows(x: torch.Tensor, b: int, h: int, w: int, sh: int, sw: int) -> torch.Tensor:
+    """(B * nW, heads, N, d) outputs of the windows of (sh, sw) stripes -> the (B, h, w, heads * d) map."""
+    heads, d = x.shape[1], x.shape[3]
+    (wh, nh), (ww, nw) = _stripes(h, sh), _stripes(w, sw)
+    x = x.view(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * wh, nw * ww, heads * d)
+    return _crop_stripes(x, h, w)
 
 
 class CrossShapedAttention(nn.Module):
@@ -91,6 +164,8 @@ class CrossShapedAttention(nn.Module):
         self.heads = num_heads // branches  # per branch
         # (height, width) of the windows of each branch; None = the whole side of the map
         self.windows = [(None, None)] if full else [(None, stripe_width), (stripe_width, None)]
+        self.stripe_h = [wh or 0 for wh, _ in self.windows]  # the same as int lists (0: the whole side), for
+        self.stripe_w = [ww or 0 for _, ww in self.windows]  # TorchScript, which cannot type a list of Nones
         self.branch_dim = dim // branches
         self.pad_mask = pad_mask
         self.attn_drop = attn_drop
@@ -101,13 +176,19 @@ class CrossShapedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        b, h, w, c = x.shape
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: torch.fx traces it
         qkv = self.qkv(x).view(b, h, w, 3, c)
         dropout = self.attn_drop if self.training else 0.0
         parts = qkv.split(self.branch_dim, dim=-1)  # branch i takes the i-th slice of each of q, k, v
-        x = torch.cat([stripe_attention(p, self.heads, win, lepe, self.pad_mask, dropout)
-                       for p, win, lepe in zip(parts, self.windows, self.lepe)], dim=-1)
-        return self.proj_drop(self.proj(x))
+        outs: List[torch.Tensor] = []
+        for i, lepe in enumerate(self.lepe):
+            sh, sw = self.stripe_h[i], self.stripe_w[i]
+            q, k, v, mask = stripe_windows(parts[i], self.heads, sh, sw, self.pad_mask)
+            # LePE: a depthwise conv on V, each window seen as its own small image (zeros beyond its border)
+            wh, ww = _stripes(h, sh)[0], _stripes(w, sw)[0]
+            pos = window_tokens(lepe(window_images(v, wh, ww)), self.heads)
+            outs.append(merge_windows(sdpa(q, k, v, mask, dropout) + pos, b, h, w, sh, sw))
+        return self.proj_drop(self.proj(torch.cat(outs, dim=-1)))
 
 
 class CSWinBlock(nn.Module):
@@ -163,6 +244,7 @@ class CSWinTransformer(ChannelsLastPyramid):
     """
 
     min_input_size = 3  # the 7x7 stride-4 stem (padding 2) needs 3 pixels a side; anything larger works
+    __jit_unused_properties__ = ["feature_stages"]  # TorchScript reads self.stages (see forward_features)
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
                  depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7), mlp_ratio: float = 4.0,
@@ -191,6 +273,14 @@ class CSWinTransformer(ChannelsLastPyramid):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_trunc_normal)
+
+    def forward_features(self, x):
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:  # not self.feature_stages: TorchScript cannot iterate a property's modules
+            x = stage(x)
+        return self.norm(x)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: CSWinTransformer) -> dict:

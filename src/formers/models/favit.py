@@ -16,7 +16,10 @@ the 49 kernel positions are flattened window-major and averaged in c runs of L c
 exactly. K/V maps are reflection-padded at the bottom/right to a multiple of the window stride
 (d * 6 + 1); where the official padding fails (a pad as large as the map, e.g. stage 1 below
 ~200 px), we reflect the padded map again (a 1-pixel side repeats), which agrees with it wherever it runs. Any input at least `min_input_size` (29 px for the paper's strides) works; below it the
-global branch's reduction conv would see an empty map.
+global branch's reduction conv would see an empty map. The taps are gathered by index (cached per size in
+eager mode, computed in the graph under torch.export), so one exported program takes a dynamic height and
+width: from 61 px when traced at 64, where every reduced map is at least 2 x 2 (a map of one pixel at the
+traced size would be specialised to one).
 """
 from __future__ import annotations
 
@@ -24,32 +27,98 @@ import math
 import re
 
 import torch
+import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from formers.checkpoint import release_state_dict
-from formers.layers import DropPath, PatchEmbed, drop_path_rates, sdpa, to_2tuple
+from formers.layers import DropPath, PatchEmbed, cached_constant, drop_path_rates, sdpa, to_2tuple
 from formers.layers.pool import pool_map
+from formers.layers.windows import compiling
 from formers.models.base import Backbone, stage_intermediates
 from formers.registry import ModelCard, register_model
 
 __all__ = ["FactorizationTransformer", "FactorizationAttention", "reflect_pad", "checkpoint_filter_fn"]
 
 
+def _reflect(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions on a side of `size` reflection-padded however far -> the source positions. Reflecting the
+    padded side again wherever one reflection is not enough gives the triangle wave of period 2 (size - 1)
+    (a 1-pixel side repeats). Tensor arithmetic of the size: no branch, traceable at a symbolic size."""
+    if torch.jit.is_scripting():
+        period = max(2 * size - 2, 1)
+    else:
+        period = torch.sym_max(2 * size - 2, 1)  # no guard on the size under torch.export
+    q = pos - (pos // period) * period  # pos mod period, without `%` (ONNX lacks it for a symbolic period)
+    return torch.minimum(q, period - q)
+
+
 def reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
     """Reflection-pad an NCHW map by `bottom` rows and `right` columns, however large: where one
     reflection (at most side - 1) is not enough, reflect the padded map again; a 1-pixel side repeats."""
-    while bottom > 0 or right > 0:
-        h, w = x.shape[-2:]
-        if (h == 1 and bottom) or (w == 1 and right):
-            rb, rr = (bottom if h == 1 else 0), (right if w == 1 else 0)
-            x = F.pad(x, (0, rr, 0, rb), mode="replicate")
-        else:
-            rb, rr = min(bottom, h - 1), min(right, w - 1)
-            x = F.pad(x, (0, rr, 0, rb), mode="reflect")
-        bottom, right = bottom - rb, right - rr
-    return x
+    h, w = x.shape[-2], x.shape[-1]
+    rows = _reflect(torch.arange(h + bottom, device=x.device), h)
+    cols = _reflect(torch.arange(w + right, device=x.device), w)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _tap_positions(size: int, k: int, d: int, device: torch.device) -> torch.Tensor:
+    """(cells * k,) source positions, along a side of `size`, of the k taps (dilation d) of each cell of
+    d * (k - 1) + 1 pixels (cell-major), the side reflection-padded at its end to whole cells (as reflect_pad)."""
+    stride = d * (k - 1) + 1
+    cells = (size + stride - 1) // stride
+    p = torch.arange(cells * k, device=device)
+    cell = p // k
+    return _reflect(cell * stride + (p - cell * k) * d, size)
+
+
+def _build_tap_index(h: int, w: int, k: int, d: int, c: int, device: torch.device) -> torch.Tensor:
+    """(k*k, windows * c) indices into a (c, h, w) map flattened: entry (u*k + v, (i*nw + j)*c + ch) is
+    channel ch at tap (u, v) of cell (i, j). Built from flat aranges: no tensor has an axis of cells or
+    windows, which torch.export would specialise where it is 1 at the traced size."""
+    rows, cols = _tap_positions(h, k, d, device), _tap_positions(w, k, d, device)
+    nw = cols.shape[0] // k
+    e = torch.arange(rows.shape[0] // k * nw * c, device=device)
+    cell = e // c
+    ch = e - cell * c
+    i = cell // nw
+    j = cell - i * nw
+    t = torch.arange(k * k, device=device)[:, None]
+    u = t // k
+    v = t - u * k
+    return ch * (h * w) + rows[i * k + u] * w + cols[j * k + v]
+
+
+@cached_constant(maxsize=64)
+def _cached_tap_index(h: int, w: int, k: int, d: int, c: int, device: str) -> torch.Tensor:
+    """_build_tap_index, cached: it depends on sizes only."""
+    return _build_tap_index(h, w, k, d, c, torch.device(device))
+
+
+def _tap_index(h: int, w: int, k: int, d: int, c: int, device: torch.device) -> torch.Tensor:
+    """_build_tap_index: cached in eager mode, computed in the graph under TorchScript, torch.compile and
+    torch.export (sizes there may be symbolic). One torch.fx node, so a traced model takes any size."""
+    if torch.jit.is_scripting():
+        return _build_tap_index(h, w, k, d, c, device)
+    else:
+        if compiling():
+            return _build_tap_index(h, w, k, d, c, device)
+        return _cached_tap_index(h, w, k, d, c, str(device))
+
+
+torch.fx.wrap("_tap_index")
+
+
+def _run_means(x: torch.Tensor, runs: int) -> torch.Tensor:
+    """(..., runs * n) -> (..., runs): the means of the consecutive runs of n entries. Eager: a reshape and a
+    mean; under torch.compile / torch.export a product with the averaging matrix (n is 1 at small sizes, and
+    an axis of n entries would fix an exported program to that; ONNX's adaptive pooling fixes n outright)."""
+    n = x.shape[-1] // runs
+    if compiling():
+        entry = torch.arange(x.shape[-1], device=x.device)[:, None]
+        average = (entry // n == torch.arange(runs, device=x.device)[None, :]).to(x.dtype) / n
+        return x @ average
+    return x.unflatten(-1, (runs, n)).mean(-1)
 
 
 def _dwconv(dim: int) -> nn.Conv2d:
@@ -104,46 +173,41 @@ class FactorizationAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def kv_tokens(self, kv: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C_g, H, W) local K/V map of a group -> k, v (B, heads, window^2, C_g/heads)."""
-        b, cgrp, h, w = kv.shape
-        k = self.window
-        d = self.dilations[group]
-        stride = d * (k - 1) + 1
-        kv = reflect_pad(kv, -h % stride, -w % stride)
-        nh, nw = kv.shape[-2] // stride, kv.shape[-1] // stride
-        # non-overlapping stride x stride cells; kernel tap (u, v) of cell (i, j) is pixel (i*s + u*d, j*s + v*d)
-        taps = kv.reshape(b, cgrp, nh, stride, nw, stride)[:, :, :, ::d, :, ::d]  # (B, C, nh, k, nw, k)
-        c = cgrp // self.num_heads
-        windows = nh * nw
-        taps = taps.permute(0, 1, 3, 5, 2, 4).reshape(b, self.num_heads, c, k * k, windows)
-        # per kernel tap: (windows, c) flattened window-major, averaged in c runs of `windows` entries
-        pooled = taps.permute(0, 1, 3, 4, 2).reshape(b, self.num_heads, k * k, c, windows).mean(-1)
-        k_, v_ = self.local_kv[group](self.local_fc[group](pooled)).chunk(2, dim=-1)
-        grid = v_.transpose(2, 3).reshape(b, cgrp, k, k)
-        v_ = v_ + self.local_v_conv[group](grid).reshape(b, self.num_heads, c, k * k).transpose(2, 3)
-        return k_, v_
+    def pooled_taps(self, kv: torch.Tensor, group: int) -> torch.Tensor:
+        """(B, C_g, H, W) local K/V map of a group -> its window^2 pooled kv tokens (B, heads, window^2, C_g/heads)
+        (see the module docstring), before the group's Linears."""
+        b, h, w = kv.shape[0], kv.shape[2], kv.shape[3]
+        heads, k, d = self.num_heads, self.window, self.dilations[group]
+        c = kv.shape[1] // heads
+        # tap (u, v) of cell (i, j) of the padded map is pixel (i*s + u*d, j*s + v*d), s = d*(k-1)+1
+        index = _tap_index(h, w, k, d, c, kv.device)
+        taps = kv.reshape(b, heads, c * h * w)[:, :, index]  # (B, heads, k*k, windows * c), window-major
+        return _run_means(taps, c)  # per tap: averaged in c runs of `windows` consecutive entries
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, n, dim = x.shape
-        h, w = hw
+        b, n, dim = x.shape[0], x.shape[1], x.shape[2]  # indexed, not unpacked: torch.fx traces it
+        h, w = hw[0], hw[1]
         drop = self.attn_drop if self.training else 0.0
-        cg = self.dims[0]
+        cg, heads, k = self.dims[0], self.num_heads, self.window
         q = self.q(x)
         # global: one head over the reduced map
         red = self.global_sr(x[..., :cg].transpose(1, 2).reshape(b, cg, h, w))
-        hr, wr = red.shape[-2:]
+        hr, wr = red.shape[2], red.shape[3]
         red = self.global_norm(red.flatten(2).transpose(1, 2))
         kg, vg = self.global_kv(red).chunk(2, dim=-1)  # (B, Nr, C_g)
         vg = vg + self.global_v_conv(vg.transpose(1, 2).reshape(b, cg, hr, wr)).flatten(2).transpose(1, 2)
         outs = [sdpa(q[:, None, :, :cg], kg[:, None], vg[:, None], dropout=drop)[:, 0]]
         # local: queries per head, then split into the groups inside each head
-        ql = q[..., cg:].reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        ql = q[..., cg:].reshape(b, n, heads, (dim - cg) // heads).transpose(1, 2)
         kv = self.local_kv_pw(self.local_kv_dw(x[..., cg:].transpose(1, 2).reshape(b, dim - cg, h, w)))
-        q_groups = ql.split([d // self.num_heads for d in self.dims[1:]], dim=-1)
-        for g, (qg, kvg) in enumerate(zip(q_groups, kv.split(self.dims[1:], dim=1))):
-            kl, vl = self.kv_tokens(kvg, g)
-            outs.append(sdpa(qg, kl, vl, dropout=drop).transpose(1, 2).reshape(b, n, -1))
+        q_groups = ql.split([d // heads for d in self.dims[1:]], dim=-1)
+        kv_groups = kv.split(self.dims[1:], dim=1)
+        for g, (fc, to_kv, v_conv) in enumerate(zip(self.local_fc, self.local_kv, self.local_v_conv)):
+            cgrp = self.dims[1 + g]
+            kl, vl = to_kv(fc(self.pooled_taps(kv_groups[g], g))).chunk(2, dim=-1)
+            grid = vl.transpose(2, 3).reshape(b, cgrp, k, k)
+            vl = vl + v_conv(grid).reshape(b, heads, cgrp // heads, k * k).transpose(2, 3)
+            outs.append(sdpa(q_groups[g], kl, vl, dropout=drop).transpose(1, 2).reshape(b, n, cgrp))
         return self.proj_drop(self.proj(torch.cat(outs, dim=-1)))
 
 
@@ -158,10 +222,10 @@ class DWConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x, hw):
-        b, n, _ = x.shape
+    def forward(self, x, hw: tuple[int, int]):
         x = self.fc1(x)
-        x = self.dwconv(x.transpose(1, 2).reshape(b, -1, *hw)).flatten(2).transpose(1, 2)
+        x = x.transpose(1, 2).reshape(x.shape[0], self.fc1.out_features, hw[0], hw[1])
+        x = self.dwconv(x).flatten(2).transpose(1, 2)
         return self.drop(self.fc2(self.drop(self.act(x))))
 
 
@@ -177,7 +241,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = DWConvMlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x, hw):
+    def forward(self, x, hw: tuple[int, int]):
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x), hw))
 
@@ -200,11 +264,11 @@ class FaViTStage(nn.Module):
 
     def forward(self, x):
         x = self.patch_embed(x)  # (B, H, W, C)
-        b, h, w, c = x.shape
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         x = x.reshape(b, h * w, c)
         for blk in self.blocks:
-            if self.grad_checkpointing and x.requires_grad:
-                x = checkpoint(blk, x, (h, w), use_reentrant=False)
+            if not torch.jit.is_scripting() and self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(blk, x, (h, w), use_reentrant=False)  # TorchScript has no checkpointing
             else:
                 x = blk(x, (h, w))
         return self.norm(x).transpose(1, 2).reshape(b, c, h, w)
@@ -289,7 +353,8 @@ class FactorizationTransformer(Backbone):
             stage.grad_checkpointing = enable
 
     def forward_features(self, x):
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         for stage in self.stages:
             x = stage(x)
         return x
@@ -363,35 +428,37 @@ def _card(name: str, params: str, macs: float | None, top1: float, notes: str = 
                      macs_g=macs, img_size=224, top1=top1, notes=notes)
 
 
-def _create(embed_dims, depths, **kwargs) -> FactorizationTransformer:
-    return FactorizationTransformer(**{**_COMMON, "embed_dims": embed_dims, "depths": depths, **kwargs})
+def _create(variant: dict, **kwargs) -> FactorizationTransformer:
+    """A variant's config (widths, depths), which keyword arguments override (depths=(1, 1, 1, 1), ...)."""
+    return FactorizationTransformer(**{**_COMMON, **variant, **kwargs})
 
 
 @register_model(_card("FaViT-B0", "3.4", None, 71.5, "README: 0.6G FLOPs; we count 0.632 GMACs (+5.3%, inside the "
                       "README's rounding to 0.1 G but outside the 5% check), so macs_g is left empty"), **_CFG)
 def favit_b0(**kwargs):
-    return _create((32, 64, 128, 256), (2, 2, 6, 2), **kwargs)
+    return _create(dict(embed_dims=(32, 64, 128, 256), depths=(2, 2, 6, 2)), **kwargs)
 
 
 @register_model(_card("FaViT-B1", "13", 2.4, 79.4), **_CFG)
 def favit_b1(**kwargs):
-    return _create((64, 128, 256, 512), (2, 2, 6, 2), **kwargs)
+    return _create(dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2)), **kwargs)
 
 
 @register_model(_card("FaViT-B2", "24.9", 4.5, 82.3, "README: 24M params, but the official favit_b2 definition "
                       "builds 24,919,896 (counted by running it; ours is the same), 3.8% more: the README truncates "
                       "here as for B3 (48.75 -> 48), so params_m carries the code's count"), **_CFG)
 def favit_b2(**kwargs):
-    return _create((64, 128, 256, 512), (2, 3, 18, 3), **kwargs)
+    return _create(dict(embed_dims=(64, 128, 256, 512), depths=(2, 3, 18, 3)), **kwargs)
 
 
 @register_model(_card("FaViT-B3", "48", 8.5, 83.4), **_CFG)
 def favit_b3(**kwargs):
-    return _create((96, 192, 384, 768), (2, 3, 14, 3), **kwargs)
+    return _create(dict(embed_dims=(96, 192, 384, 768), depths=(2, 3, 14, 3)), **kwargs)
 
 
 @register_model(ModelCard(paper=53, arxiv="2312.08614", repo="q2479036243/FaViT", official_name="", img_size=32,
                           status="reduced", notes="a small config for quick runs at 32x32: widths 16-128, "
                           "depths 1-1-2-1, MLP ratio 4; the paper's heads, reductions and 7x7 kv grid"), **_CFG)
 def favit_demo(**kwargs):
-    return _create((16, 32, 64, 128), (1, 1, 2, 1), **{"img_size": 32, "mlp_ratios": (4, 4, 4, 4), **kwargs})
+    return _create(dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), img_size=32, mlp_ratios=(4, 4, 4, 4)),
+                   **kwargs)

@@ -20,7 +20,10 @@ Points that are easy to get wrong (all read from the official code):
   - which stages decompose is a per-variant list (T: stages 1-2; S, B, L: stages 1-3).
 
 The masks depend on the input size: they are built for the size each stage actually sees (and
-cached per size), so any input size works. The strided convs (3x3, stride 2, padding 1) round odd
+cached per size in eager mode; built in the graph under torch.fx, torch.compile and torch.export), so any
+input size works, and one exported program takes a dynamic height and width (with a dynamic batch, as
+`formers export` makes it: with a fixed batch above one, the row/column attention's merge of the batch with
+a ceil-rounded size adds guards the exporter cannot prove). The strided convs (3x3, stride 2, padding 1) round odd
 sizes up, as the official dense-task backbones do, so any H, W >= 1 is taken. The official
 checkpoints also hold the per-stage `Relpos.angle/decay` buffers; they are recomputed here from
 the config and dropped on loading.
@@ -30,6 +33,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
@@ -41,6 +45,7 @@ from formers.layers.retention import (apply_rotary, decay_mask_1d, manhattan_dec
                                       rotary_angles, rotary_sin_cos)
 from formers.layers.scale import Scale
 from formers.layers.pool import pool_map
+from formers.layers.windows import compiling
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
@@ -96,15 +101,23 @@ class SpatialDecay(nn.Module):
             masks = manhattan_decay_mask(h, w, log_decay)
         return sin, cos, masks
 
+    def _terms(self, h: int, w: int, device, dtype):
+        """sin, cos and mask(s) for an (h, w) map, in `dtype`."""
+        sin, cos, masks = self._build(h, w, device)
+        masks = tuple(m.to(dtype) for m in masks) if self.decomposed else masks.to(dtype)
+        return sin.to(dtype), cos.to(dtype), masks
+
     def forward(self, h: int, w: int, device=None, dtype=torch.float32):
+        if compiling() or isinstance(h, torch.fx.Proxy):
+            # sizes may be symbolic (torch.export, torch.compile, torch.fx): built in the graph, as a cache
+            # would bake one size in (and keep the tracer's values)
+            return self._terms(h, w, device, dtype)
         # Tensors made under inference_mode cannot join autograd later, hence the mode in the key.
         key = (h, w, str(device), dtype, torch.is_inference_mode_enabled())
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        sin, cos, masks = self._build(h, w, device)
-        masks = tuple(m.to(dtype) for m in masks) if self.decomposed else masks.to(dtype)
-        out = (sin.to(dtype), cos.to(dtype), masks)
+        out = self._terms(h, w, device, dtype)
         self._cache[key] = out
         while len(self._cache) > self._CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -118,7 +131,7 @@ class SpatialDecay(nn.Module):
 def manhattan_attention(q, k, v, mask, scale: float):
     """Softmax attention over all H*W tokens with the (heads, HW, HW) Manhattan decay added to the
     logits. q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d)."""
-    b, h, w, n, d = q.shape
+    b, h, w, n, d = q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.shape[4]
 
     def tokens(t):  # (B, heads, HW, d)
         return t.reshape(b, h * w, n, d).transpose(1, 2)
@@ -130,7 +143,7 @@ def manhattan_attention(q, k, v, mask, scale: float):
 def decomposed_manhattan_attention(q, k, v, mask_h, mask_w, scale: float):
     """The decomposed MaSA: attend within each row (1-D decay over W), then, on that output, within
     each column (1-D decay over H), with the same q and k. q, k, v: (B, H, W, heads, d)."""
-    b, h, w, n, d = q.shape
+    b, h, w, n, d = q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.shape[4]
 
     def rows(t):  # every row a batch entry: (B*H, heads, W, d)
         return t.permute(0, 1, 3, 2, 4).reshape(b * h, n, w, d)
@@ -264,6 +277,9 @@ class RMT(Backbone):
     -> BatchNorm -> Swish; that map (B, projection, H/32, W/32) is `forward_features`, as timm does for
     EfficientNet's conv head, so `num_features` = projection. Global average pool, dropout, Linear.
     """
+
+    script_unsupported = ("each stage's position terms (one decay mask or a pair of them, by stage) come from a "
+                          "Python cache keyed by the input size")
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224,
                  embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16),

@@ -126,8 +126,9 @@ class AdaptiveMixing(nn.Module):
             nn.init.xavier_uniform_(last.bias[c * c:].view(p, po))
 
     def forward(self, sampled: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        b, n, p, c = sampled.shape
-        params = self.parameter_generator(x).reshape(b * n, -1)
+        b, n, p, c = sampled.shape[0], sampled.shape[1], sampled.shape[2], sampled.shape[3]
+        # explicit sizes, no -1: a batch of zero images reshapes too
+        params = self.parameter_generator(x).reshape(b * n, c * c + self.out_points * p)
         channel, point = params.split([c * c, self.out_points * p], dim=-1)
         out = sampled.reshape(b * n, p, c)
         if self.m_beta is not None:
@@ -136,7 +137,7 @@ class AdaptiveMixing(nn.Module):
         else:
             # no GELU between the two mixings without biases (the bootstrapped models), as official
             out = torch.bmm(point.reshape(b * n, self.out_points, p), out @ channel.reshape(b * n, c, c))
-        return self.out_proj(self.act(out).reshape(b, n, -1))
+        return self.out_proj(self.act(out).reshape(b, n, self.out_points * c))
 
 
 class QuickGELU(nn.Module):
@@ -273,6 +274,8 @@ class SparseFormer(Backbone):
 
     feature_maps = False  # a token set: forward_intermediates gives (B, N, C) with output_fmt='NLC' only
     output_fmt = "NLC"    # forward_features returns the latent tokens (B, N, C)
+    script_unsupported = ("each unit runs its configured list of op names, dispatched in Python to submodules "
+                          "that only some units have, and the units are reached through a generator")
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, conv_dim: int = 96,
                  num_latent_tokens: int = 49, num_points: int = 36, widths=(256,) + (512,) * 8,
