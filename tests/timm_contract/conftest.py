@@ -20,6 +20,7 @@ tokens carry RoIs, not grid positions) skips timm's feature-map tests, with that
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 
@@ -91,17 +92,24 @@ def get_pretrained_cfg_value(model_name, cfg_key):
     return model_entry(model_name).cfg.get(cfg_key)
 
 
-def install():
+_REDIRECTS = {"create_model": formers.create_model, "list_models": list_models,
+              "list_pretrained": list_pretrained, "get_pretrained_cfg_value": get_pretrained_cfg_value}
+
+
+@contextlib.contextmanager
+def redirected():
+    """timm's factory functions are ours while timm's test module is imported (it binds them by name
+    then); afterwards timm is itself again, for the tests that use it as a peer in the same process."""
     import timm
     import timm.models
-    for mod in (timm, timm.models):
-        mod.create_model = formers.create_model
-        mod.list_models = list_models
-        mod.list_pretrained = list_pretrained
-        mod.get_pretrained_cfg_value = get_pretrained_cfg_value
-
-
-install()
+    saved = [(mod, key, getattr(mod, key)) for mod in (timm, timm.models) for key in _REDIRECTS]
+    for mod, key, _ in saved:
+        setattr(mod, key, _REDIRECTS[key])
+    try:
+        yield
+    finally:
+        for mod, key, value in saved:
+            setattr(mod, key, value)
 
 
 def pytest_configure(config):
@@ -113,6 +121,11 @@ def pytest_configure(config):
 _MAP_TESTS = ("test_model_forward_features", "test_model_forward_intermediates_features",
               "test_model_forward_intermediates", "test_prune_intermediate_layers_contract",
               "test_prune_intermediate_layers_params_used")
+
+
+_OPEN = ("crossformer", "uniformer")   # families whose fx/TorchScript work is still open (issue 13)
+_TRACE_TESTS = ("test_model_forward_fx", "test_model_backward_fx", "test_model_forward_torchscript",
+                "test_model_forward_fx_torchscript")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -127,6 +140,9 @@ def pytest_collection_modifyitems(config, items):
             drop.append(item)
         else:
             keep.append(item)
+            if name.split("_")[0] in _OPEN and item.originalname in _TRACE_TESTS:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=f"{name}: torch.fx / TorchScript not yet "
+                                                  "(issue 13, left open)"))
             if item.originalname in _MAP_TESTS and getattr(_meta_build(name), "feature_maps", True) is False:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: its features are a set of latent tokens with "
                                                         "RoIs, not a feature map (output_fmt='NLC' only)"))
