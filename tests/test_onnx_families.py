@@ -21,10 +21,15 @@ pytest.importorskip("onnxscript")
 pytestmark = pytest.mark.slow
 
 
-def _traced_size(model) -> int:
+# Sizes where a family's graph keeps its structure at the second size too: at 64 px CSWin's third-stage map
+# (4x4) is narrower than its stripe (7), which changes the graph, and the export is specialised to it.
+_TRACED = {"cswin_64_12211_tiny_224": 128}
+
+
+def _traced_size(name, model) -> int:
     """A small size the model takes: 64 px rounded up to its divisor and minimum."""
     div, low = model.input_divisor, model.min_input_size
-    size = max(64, low)
+    size = max(_TRACED.get(name, 64), low)
     return -(-size // div) * div
 
 
@@ -32,8 +37,10 @@ def _traced_size(model) -> int:
 def test_onnx_equals_eager_at_two_sizes(name, tmp_path):
     torch.manual_seed(0)
     model = formers.create_model(name).eval()
+    if hasattr(model, "cls_token"):  # zeros at init: UniFormer's pruning sort would see every token tie, and
+        torch.nn.init.normal_(model.cls_token)  # the order among ties is each runtime's own choice
     fixed = model.fixed_input_size
-    size = None if fixed else _traced_size(model)
+    size = None if fixed else _traced_size(name, model)
     report = export_model(model, str(tmp_path / f"{name}.onnx"), format="onnx", img_size=size,
                           dynamic=fixed is None, name=name, atol=1e-4)
     checks = report["checks"]

@@ -123,11 +123,6 @@ _MAP_TESTS = ("test_model_forward_features", "test_model_forward_intermediates_f
               "test_prune_intermediate_layers_params_used")
 
 
-_OPEN = ("crossformer", "uniformer")   # families whose fx/TorchScript work is still open (issue 13)
-_TRACE_TESTS = ("test_model_forward_fx", "test_model_backward_fx", "test_model_forward_torchscript",
-                "test_model_forward_fx_torchscript")
-
-
 def pytest_collection_modifyitems(config, items):
     ours = set(formers.list_models())
     keep, drop = [], []
@@ -140,9 +135,6 @@ def pytest_collection_modifyitems(config, items):
             drop.append(item)
         else:
             keep.append(item)
-            if name.split("_")[0] in _OPEN and item.originalname in _TRACE_TESTS:
-                item.add_marker(pytest.mark.xfail(strict=True, reason=f"{name}: torch.fx / TorchScript not yet "
-                                                  "(issue 13, left open)"))
             if item.originalname in _MAP_TESTS and getattr(_meta_build(name), "feature_maps", True) is False:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: its features are a set of latent tokens with "
                                                         "RoIs, not a feature map (output_fmt='NLC' only)"))

@@ -26,7 +26,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         if self.pad:
             ph, pw = self.patch_size
-            x = F.pad(x, (0, -x.shape[-1] % pw, 0, -x.shape[-2] % ph))
+            h, w = x.shape[-2], x.shape[-1]  # rounded up by floor division: short size formulas under torch.export
+            x = F.pad(x, (0, (w + pw - 1) // pw * pw - w, 0, (h + ph - 1) // ph * ph - h))
         x = self.proj(x)
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1))

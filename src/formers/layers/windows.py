@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 __all__ = ["window_partition", "window_reverse", "window_region_ids", "window_attention_mask",
-           "relative_position_index", "relative_position_bias", "compiling", "pad_hw", "crop_hw"]
+           "relative_position_index", "relative_position_bias", "compiling", "pad_hw", "crop_hw", "contiguous_output"]
 
 
 def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
@@ -64,8 +64,8 @@ def relative_position_index(wh: int, ww: int):
 
 def relative_position_bias(table, index):
     """Gather a ((2wh-1)*(2ww-1), heads) table with an (N, N) index into an (heads, N, N) bias."""
-    n = index.shape[0]
-    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    n = index.shape[0]  # explicit sizes, no -1: torch.export keeps symbolic group sizes short formulas
+    return table[index.view(n * n)].view(n, n, table.shape[1]).permute(2, 0, 1)
 
 
 def compiling() -> bool:
@@ -81,14 +81,31 @@ def compiling() -> bool:
 def pad_hw(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
     """(B, H, W, C) padded with zeros at the bottom/right to multiples of (multiple_h, multiple_w); x itself
     when it already fits (eager), a pad by a possibly-zero amount under torch.compile / torch.export."""
-    ph, pw = -x.shape[1] % multiple_h, -x.shape[2] % multiple_w
+    h, w = x.shape[1], x.shape[2]
+    # rounded up by floor division, not `-h % m`: under torch.export the sizes of the later stages stay
+    # short formulas of the input's (nested modulos of negatives grow and slow the trace down)
+    ph, pw = (h + multiple_h - 1) // multiple_h * multiple_h - h, (w + multiple_w - 1) // multiple_w * multiple_w - w
     if compiling() or ph != 0 or pw != 0:
         x = torch.nn.functional.pad(x, (0, 0, 0, pw, 0, ph))
     return x
 
 
 def crop_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H', W', C) -> its top-left (B, h, w, C): the inverse of pad_hw (x itself when nothing was padded)."""
-    if compiling() or x.shape[1] != h or x.shape[2] != w:
+    """(B, H', W', C) -> its top-left (B, h, w, C): the inverse of pad_hw (x itself when nothing was padded).
+    Under torch.compile / torch.export a gather of the rows and columns: a slice would be contiguous for
+    some sizes and not others, and torch.export would specialise the program to the traced case."""
+    if compiling():
+        return x.index_select(1, torch.arange(h, device=x.device)).index_select(2, torch.arange(w, device=x.device))
+    if x.shape[1] != h or x.shape[2] != w:
         x = x[:, :h, :w]
+    return x
+
+
+def contiguous_output(x: torch.Tensor) -> torch.Tensor:
+    """An attention output, as a contiguous copy under torch.compile / torch.export (x itself otherwise).
+    Its memory layout depends on the sdpa kernel (the CPU flash kernel's is (B, N, heads, d), the math
+    one's (B, heads, N, d)); torch.export records a reshape that is a view for the traced kernel as a
+    view, which a later decomposition (the ONNX exporter's, to the math kernel) can no longer take."""
+    if compiling():
+        return x.clone(memory_format=torch.contiguous_format)
     return x

@@ -17,19 +17,21 @@ dense code used square groups of the short side instead: that differs only for n
 under 256 px on a side). The convolutions floor odd sizes, so any input of at least 32 pixels
 (patch stride x 2^(stages-1)) works. At 224 the logits are the official ones.
 """
-from __future__ import annotations
+from typing import Tuple
 
-import math
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from formers.checkpoint import _adapt_first_conv
 from formers.layers.attention import sdpa
 from formers.layers.helpers import cached_constant
 from formers.layers.drop import DropPath, drop_path_rates
 from formers.layers.mlp import Mlp
-from formers.layers.windows import relative_position_bias, relative_position_index
+from formers.layers.windows import (compiling, contiguous_output, crop_hw, relative_position_bias,
+                                   relative_position_index)
 from formers.registry import ModelCard, register_model
 
 from .base import ChannelsLastPyramid, Stage, init_trunc_normal
@@ -70,15 +72,36 @@ class CrossScaleEmbedding(nn.Module):
         return x if self.norm_first else self.norm(x)
 
 
-@cached_constant(maxsize=64)
-def _relative_offsets(gh: int, gw: int, device: str):
+def _offsets_and_index(gh: int, gw: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """((2gh-1)(2gw-1), 2) float offsets (dy, dx), row-major, and the (N, N) index of each token pair
     into them, for a gh x gw group."""
-    dev = torch.device(device)
-    dy = torch.arange(1 - gh, gh, device=dev, dtype=torch.float32)
-    dx = torch.arange(1 - gw, gw, device=dev, dtype=torch.float32)
-    offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2)
-    return offsets, relative_position_index(gh, gw).to(dev)
+    dy = torch.arange(1 - gh, gh, device=device, dtype=torch.float32)
+    dx = torch.arange(1 - gw, gw, device=device, dtype=torch.float32)
+    offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape((2 * gh - 1) * (2 * gw - 1), 2)
+    return offsets, relative_position_index(gh, gw).to(device)
+
+
+@cached_constant(maxsize=64)
+def _cached_offsets(gh: int, gw: int, device: str):
+    """_offsets_and_index, cached: it depends on sizes only."""
+    return _offsets_and_index(gh, gw, torch.device(device))
+
+
+def _relative_offsets(gh: int, gw: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """_offsets_and_index on the device and in the dtype of `like`: from the cache in eager mode, computed
+    in the graph under TorchScript, torch.compile and torch.export (the group may have a symbolic size
+    there). One torch.fx node."""
+    if torch.jit.is_scripting():
+        offsets, index = _offsets_and_index(gh, gw, like.device)
+    else:
+        if compiling():
+            offsets, index = _offsets_and_index(gh, gw, like.device)
+        else:
+            offsets, index = _cached_offsets(gh, gw, str(like.device))
+    return offsets.to(like.dtype), index
+
+
+torch.fx.wrap("_relative_offsets")
 
 
 class DynamicPosBias(nn.Module):
@@ -94,16 +117,16 @@ class DynamicPosBias(nn.Module):
 
     def forward(self, gh: int, gw: int):
         """(heads, N, N) bias for a gh x gw group (N = gh * gw)."""
-        offsets, index = _relative_offsets(gh, gw, str(self.pos_proj.weight.device))
-        table = self.pos3(self.pos2(self.pos1(self.pos_proj(offsets.to(self.pos_proj.weight.dtype)))))
-        return relative_position_bias(table, index)
+        pair = _relative_offsets(gh, gw, self.pos_proj.weight)  # (offsets, index); indexed: torch.fx traces it
+        table = self.pos3(self.pos2(self.pos1(self.pos_proj(pair[0]))))
+        return relative_position_bias(table, pair[1])
 
 
 def group_tokens(x, gh: int, gw: int, ih: int, iw: int):
     """(B, H, W, C) -> (B, nG, gh*gw, C). H is split as (regions, gh, ih): a group holds the gh x gw
     tokens of one region that are (ih, iw) apart. ih = iw = 1: adjacent groups (SDA); ih, iw > 1:
     every I-th token (LDA). H, W must be multiples of gh*ih, gw*iw."""
-    b, h, w, c = x.shape
+    b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: torch.fx traces it
     rh, rw = h // (gh * ih), w // (gw * iw)
     x = x.view(b, rh, gh, ih, rw, gw, iw, c).permute(0, 1, 4, 3, 6, 2, 5, 7)
     return x.reshape(b, rh * rw * ih * iw, gh * gw, c)
@@ -111,19 +134,89 @@ def group_tokens(x, gh: int, gw: int, ih: int, iw: int):
 
 def ungroup_tokens(x, gh: int, gw: int, ih: int, iw: int, h: int, w: int):
     """The inverse of group_tokens: (B, nG, gh*gw, C) -> (B, H, W, C)."""
-    b, _, _, c = x.shape
+    b, c = x.shape[0], x.shape[3]
     rh, rw = h // (gh * ih), w // (gw * iw)
     x = x.view(b, rh, rw, ih, iw, gh, gw, c).permute(0, 1, 5, 3, 2, 6, 4, 7)
     return x.reshape(b, h, w, c)
 
 
-@cached_constant(maxsize=64)
-def _padding_mask(h: int, w: int, hp: int, wp: int, gh: int, gw: int, ih: int, iw: int, device: str):
-    """(nG, 1, 1, N) additive mask: _MASKED at the keys that are padding (row >= h or col >= w)."""
-    dev = torch.device(device)
-    pad = (torch.arange(hp, device=dev) >= h)[:, None] | (torch.arange(wp, device=dev) >= w)[None, :]
+def _pad_mask(h: int, w: int, hp: int, wp: int, gh: int, gw: int, ih: int, iw: int,
+              device: torch.device, value: float = _MASKED) -> torch.Tensor:
+    """(nG, 1, 1, N) additive mask: `value` at the keys that are padding (row >= h or col >= w)."""
+    pad = (torch.arange(hp, device=device) >= h)[:, None] | (torch.arange(wp, device=device) >= w)[None, :]
     pad = group_tokens(pad[None, :, :, None], gh, gw, ih, iw)[0, :, :, 0]  # (nG, N)
-    return torch.zeros(pad.shape, device=dev).masked_fill(pad, _MASKED)[:, None, None, :]
+    return torch.zeros(pad.shape, device=device).masked_fill(pad, value)[:, None, None, :]
+
+
+@cached_constant(maxsize=64)
+def _cached_pad_mask(h: int, w: int, hp: int, wp: int, gh: int, gw: int, ih: int, iw: int, device: str):
+    """_pad_mask, cached: it depends on sizes only."""
+    return _pad_mask(h, w, hp, wp, gh, gw, ih, iw, torch.device(device))
+
+
+def _differ(a: int, b: int) -> bool:
+    """a != b; under torch.compile / torch.export (sizes symbolic) True unless they are equal for every size,
+    so that no guard is added (the padding then is of a possibly-zero amount)."""
+    if torch.jit.is_scripting():
+        return a != b
+    else:
+        if compiling():
+            return not statically_known_true(a == b)
+        return a != b
+
+
+def _padded_size(n: int, g: int, i: int) -> int:
+    """n rounded up to whole regions of g * i tokens. Without a division where that is one region (one
+    global group; v1's LDA, whose g is ceil(n / i)), so that torch.export sees no count of 1 to specialise."""
+    if not _differ(g * i, n):
+        return n
+    if not _differ(g, (n + i - 1) // i):
+        return g * i
+    return (n + g * i - 1) // (g * i) * (g * i)
+
+
+def _padded_groups(qkv: torch.Tensor, bias: torch.Tensor, gh: int, gw: int, ih: int,
+                   iw: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(B, H, W, 3C) -> its groups (B, nG, N, 3C) after zero-padding the map at the bottom/right to whole
+    regions, the (heads, N, N) bias plus the mask of padded keys where there are some ((nG, heads, N, N)),
+    and the padded size (hp, wp). The mask is cached in eager mode and computed in the graph under
+    TorchScript, torch.compile and torch.export. One torch.fx node: the padding is decided at run time."""
+    h, w = qkv.shape[1], qkv.shape[2]
+    hp, wp = _padded_size(h, gh, ih), _padded_size(w, gw, iw)
+    if _differ(hp, h) or _differ(wp, w):
+        qkv = F.pad(qkv, [0, 0, 0, wp - w, 0, hp - h])
+        if torch.jit.is_scripting():
+            bias = bias + _pad_mask(h, w, hp, wp, gh, gw, ih, iw, qkv.device)
+        else:
+            if compiling():
+                bias = bias + _pad_mask(h, w, hp, wp, gh, gw, ih, iw, qkv.device)
+            else:
+                bias = bias + _cached_pad_mask(h, w, hp, wp, gh, gw, ih, iw, str(qkv.device))
+    return group_tokens(qkv, gh, gw, ih, iw), bias, hp, wp
+
+
+def _crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The top-left (B, h, w, C) of a padded map (see crop_hw); x itself when it is known not to be padded
+    (one global group). One torch.fx node."""
+    if not (_differ(x.shape[1], h) or _differ(x.shape[2], w)):
+        return x
+    return crop_hw(x, h, w)
+
+
+def _attention_layout(bias: torch.Tensor, b: int, ng: int,
+                      heads: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """The 4-D attention bias and the (batch, heads) grouping of the groups for sdpa (4-D for its CPU flash
+    kernel and for ONNX): the groups go into the batch when they share one (heads, N, N) bias, into the
+    head axis when a padding mask makes it (nG, heads, N, N). One torch.fx node."""
+    n = bias.shape[-1]
+    if bias.dim() == 3:
+        return bias[None], (b * ng, heads)
+    return bias.reshape(1, ng * heads, n, n), (b, ng * heads)
+
+
+torch.fx.wrap("_padded_groups")
+torch.fx.wrap("_crop")
+torch.fx.wrap("_attention_layout")
 
 
 class GroupAttention(nn.Module):
@@ -140,22 +233,19 @@ class GroupAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, gh: int, gw: int, ih: int, iw: int):
-        b, h, w, c = x.shape
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         # Project before padding: padded keys are masked and padded queries dropped, so their
         # projections (the official code's qkv bias) never reach a real token.
-        qkv = self.qkv(x)
-        hp, wp = math.ceil(h / (gh * ih)) * gh * ih, math.ceil(w / (gw * iw)) * gw * iw
-        if hp > h or wp > w:
-            qkv = F.pad(qkv, (0, 0, 0, wp - w, 0, hp - h))
-        qkv = group_tokens(qkv, gh, gw, ih, iw)
-        ng, n = qkv.shape[1:3]
-        q, k, v = qkv.view(b, ng, n, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = self.pos(gh, gw)  # (heads, N, N)
-        if hp > h or wp > w:
-            bias = bias + _padding_mask(h, w, hp, wp, gh, gw, ih, iw, str(x.device))  # (nG, heads, N, N)
-        x = sdpa(q, k, v, bias.to(q.dtype), self.attn_drop if self.training else 0.0)
-        x = ungroup_tokens(x.transpose(2, 3).reshape(b, ng, n, c), gh, gw, ih, iw, hp, wp)
-        return self.proj_drop(self.proj(x[:, :h, :w]))
+        groups = _padded_groups(self.qkv(x), self.pos(gh, gw), gh, gw, ih, iw)  # indexed, not unpacked
+        ng, n = groups[0].shape[1], groups[0].shape[2]
+        heads, d = self.num_heads, c // self.num_heads
+        qkv = groups[0].view(b, ng, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nG, heads, N, d)
+        layout = _attention_layout(groups[1], b, ng, heads)
+        qkv = qkv.reshape(3, layout[1][0], layout[1][1], n, d)
+        x = sdpa(qkv[0], qkv[1], qkv[2], layout[0].to(qkv.dtype), self.attn_drop if self.training else 0.0)
+        x = contiguous_output(x).view(b, ng, heads, n, d).transpose(2, 3).reshape(b, ng, n, c)
+        x = ungroup_tokens(x, gh, gw, ih, iw, groups[2], groups[3])
+        return self.proj_drop(self.proj(_crop(x, h, w)))
 
 
 class ActivationCooling(nn.Module):
@@ -188,21 +278,34 @@ class CrossFormerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.cooling = ActivationCooling(dim) if cooling else nn.Identity()
 
-    def groups(self, h: int, w: int) -> tuple[int, int, int, int]:
+    def groups(self, h: int, w: int) -> Tuple[int, int, int, int]:
         """(gh, gw, ih, iw) of the groups for an h x w map (see group_tokens)."""
-        g, i = self.group_size, self.interval
-        if min(h, w) <= g:
-            return h, w, 1, 1  # the map fits a group: one group, global attention
-        if not self.long_distance:
-            return g, g, 1, 1  # SDA: adjacent G x G tokens
-        if self.lda_regions:
-            return g, g, i, i  # LDA, CrossFormer++: G x G tokens I apart, inside G*I x G*I regions
-        return math.ceil(h / i), math.ceil(w / i), i, i  # LDA, CrossFormer: every I-th token of the map
+        return group_layout(h, w, self.group_size, self.interval, self.long_distance, self.lda_regions)
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x), *self.groups(*x.shape[1:3])))
+        layout = _map_groups(x, self.group_size, self.interval, self.long_distance, self.lda_regions)
+        x = x + self.drop_path(self.attn(self.norm1(x), layout[0], layout[1], layout[2], layout[3]))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return self.cooling(x)
+
+
+def group_layout(h: int, w: int, g: int, i: int, long_distance: bool, lda_regions: bool) -> Tuple[int, int, int, int]:
+    """(gh, gw, ih, iw) of the attention groups of an h x w map, for group size g and interval i."""
+    if min(h, w) <= g:
+        return h, w, 1, 1  # the map fits a group: one group, global attention
+    if not long_distance:
+        return g, g, 1, 1  # SDA: adjacent G x G tokens
+    if lda_regions:
+        return g, g, i, i  # LDA, CrossFormer++: G x G tokens I apart, inside G*I x G*I regions
+    return (h + i - 1) // i, (w + i - 1) // i, i, i  # LDA, CrossFormer: every I-th token of the map
+
+
+def _map_groups(x: torch.Tensor, g: int, i: int, long_distance: bool, lda_regions: bool) -> Tuple[int, int, int, int]:
+    """group_layout of the (B, H, W, C) map x. One torch.fx node: decided at run time from its size."""
+    return group_layout(x.shape[1], x.shape[2], g, i, long_distance, lda_regions)
+
+
+torch.fx.wrap("_map_groups")
 
 
 class CrossFormerStage(Stage):
@@ -234,6 +337,8 @@ class CrossFormer(ChannelsLastPyramid):
     """CrossFormer (v1: `lda_regions=False`, no ACL) and CrossFormer++ (`lda_regions=True`,
     `use_acl=True`, per-stage group sizes and intervals); forward_features returns a channels-last
     (B, H, W, C) map, as timm's Swin does."""
+
+    __jit_unused_properties__ = ["feature_stages"]  # TorchScript reads self.stages (see forward_features)
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), patch_kernels=(4, 8, 16, 32), patch_stride: int = 4,
@@ -272,6 +377,14 @@ class CrossFormer(ChannelsLastPyramid):
 
     def stem(self, x):
         return self.pos_drop(self.patch_embed(x))
+
+    def forward_features(self, x):
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:  # not self.feature_stages: TorchScript cannot iterate a property's modules
+            x = stage(x)
+        return self.norm(x)
 
 
 _DROPPED = ("attn.biases", "attn.relative_position_index", "attn_mask")

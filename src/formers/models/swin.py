@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from formers.layers import (DropPath, Linear, Mlp, PatchEmbed, add_residual, cached_constant, drop_path_rates,
                             relative_position_bias, relative_position_index, sdpa, window_attention_mask,
                             window_partition, window_region_ids, window_reverse)
-from formers.layers.windows import compiling, crop_hw, pad_hw
+from formers.layers.windows import compiling, contiguous_output, crop_hw, pad_hw
 from formers.registry import ModelCard, register_model
 
 from .base import ChannelsLastPyramid, Stage, init_trunc_normal
@@ -60,7 +60,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         qkv = qkv.reshape(3, groups[0], groups[1], n, self.head_dim)
         x = sdpa(qkv[0], qkv[1], qkv[2], bias.to(qkv.dtype), self.attn_drop if self.training else 0.0)
-        x = x.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, self.num_heads * self.head_dim)
+        x = contiguous_output(x).view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3)
+        x = x.reshape(b, nw, n, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
 
@@ -144,7 +145,7 @@ class SwinBlock(nn.Module):
     def _attention(self, x):
         ws = self.window_size
         h, w = x.shape[1], x.shape[2]
-        hp, wp = h + (-h % ws), w + (-w % ws)
+        hp, wp = (h + ws - 1) // ws * ws, (w + ws - 1) // ws * ws
         windows = _shift_windows(x, ws, self.shift_size)  # indexed, not unpacked: torch.fx traces it
         y = self.attn(windows[0], windows[1])
         return _unshift_windows(y, ws, windows[2], windows[3], hp, wp, h, w)

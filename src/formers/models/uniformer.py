@@ -22,6 +22,7 @@ import re
 import warnings
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +35,7 @@ from formers.layers.mlp import ConvMlp, Mlp
 from formers.layers.patch_embed import PatchEmbed
 from formers.layers.scale import Scale
 from formers.layers.pool import pool_map
+from formers.layers.windows import compiling
 from formers.models.base import Backbone, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
@@ -173,11 +175,12 @@ class EvoSABlock(SABlock):
         """Self-attention on (B, N, C) tokens whose first is the cls token. Also returns the cls token's
         attention probabilities over the other N - 1 tokens, averaged over heads (before dropout)."""
         attn = self.attn
-        b, n, _ = x.shape
-        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        b, n = x.shape[0], x.shape[1]  # indexed, and no -1 below: torch.fx traces it, a batch of 0 works
+        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         out = sdpa(q, k, v, dropout=attn.attn_drop if self.training else 0.0)
         cls_probs = ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(-1)
-        out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b, n, -1)))
+        out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)))
         return out, cls_probs[:, :, 0, 1:].mean(1)
 
     def _mix(self, x):
@@ -194,9 +197,8 @@ class EvoSABlock(SABlock):
 
     def forward(self, x, cls_token, score):
         x = x + self.pos_embed(x)
-        shape = x.shape
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), raster order
-        n = tokens.shape[1]
         if self.prune_ratio == 1:
             out, _, cls_attn = self._mix(torch.cat([cls_token, tokens], dim=1))
             score = cls_attn if score is None else self._update(score, cls_attn)
@@ -204,29 +206,51 @@ class EvoSABlock(SABlock):
         else:
             if score is None:
                 raise ValueError("EvoSABlock: a pruning block needs the score of an earlier unpruned block")
-            keep = int(n * self.prune_ratio)
+            keep = _kept_tokens(tokens, self.prune_ratio)
             order = torch.argsort(score, dim=1, descending=True)  # most attended first
-            index = order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            index = order.unsqueeze(-1).expand(b, h * w, c)
             tokens, score = tokens.gather(1, index), score.gather(1, order)
             kept, dropped = tokens[:, :keep], tokens[:, keep:]
             weights = score[:, keep:] / score[:, keep:].sum(dim=1, keepdim=True)
             merged = (weights.unsqueeze(-1) * dropped).sum(dim=1, keepdim=True)
             out, fast, cls_attn = self._mix(torch.cat([cls_token, kept, merged], dim=1))
-            # The official code tells the cases apart by shape: when a single token is dropped
-            # (keep + 1 == n) it refreshes that token's score too, with the attention to the merged one.
-            m = n if keep + 1 == n else keep
-            score = torch.cat([self._update(score[:, :m], cls_attn[:, :m]), score[:, m:]], dim=1)
+            score = self._refresh(score, cls_attn, keep)
             cls_token = out[:, :1]
             tokens = torch.cat([out[:, 1:-1], dropped + fast], dim=1)
             tokens = torch.empty_like(tokens).scatter(1, index, tokens)  # back to raster order
             score = torch.empty_like(score).scatter(1, order, score)
-        return tokens.transpose(1, 2).reshape(shape), cls_token, score
+        return tokens.transpose(1, 2).reshape(b, c, h, w), cls_token, score
+
+    def _refresh(self, score, cls_attn, keep: int):
+        """The sorted score with the kept tokens' entries updated by `cls_attn` (the cls token's attention
+        to [kept..., merged]). The official code tells the cases apart by shape: when a single token is
+        dropped (keep + 1 == N) it refreshes that token's score too, with the attention to the merged one.
+        Written with a mask, not a Python test on the sizes, so torch.export keeps it for every size."""
+        n = score.shape[1]
+        pos = torch.arange(n, device=score.device)
+        refresh = (pos < keep) | ((pos == keep) & (pos == n - 1))
+        new = F.pad(cls_attn, (0, n - keep - 1))  # lined up with the sorted tokens; the tail is not used
+        return torch.where(refresh, self._update(score, new), score)
+
+
+def _kept_tokens(tokens: torch.Tensor, ratio: float) -> int:
+    """How many of the (B, N, C) tokens a pruning block keeps: int(N * ratio), as the official code. Under
+    torch.compile / torch.export (N symbolic) the same number in integer arithmetic, N * p // q with
+    p / q = ratio exactly (equal to int(N * ratio) for the released ratio, 0.5). One torch.fx node."""
+    n = tokens.shape[1]
+    if compiling():
+        p, q = ratio.as_integer_ratio()
+        return n * p // q
+    return int(n * ratio)
+
+
+torch.fx.wrap("_kept_tokens")
 
 
 def pool_score(score, hw: tuple[int, int]):
     """The light models' stage-3 -> stage-4 score: 2x2 average pooled, rescaled to keep its sum."""
     b = score.shape[0]
-    pooled = F.avg_pool2d(score.reshape(b, 1, *hw), 2).flatten(1)
+    pooled = F.avg_pool2d(score.reshape(b, 1, hw[0], hw[1]), 2).flatten(1)
     return pooled * (score.sum(dim=1, keepdim=True) / pooled.sum(dim=1, keepdim=True))
 
 
@@ -266,6 +290,8 @@ class UniFormer(Backbone):
     """
 
     input_divisor = 32
+    script_unsupported = ("the stages run through a Python generator (shared with forward_intermediates) and call "
+                          "their blocks through *args, neither of which TorchScript compiles")
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size=224, depths=(3, 4, 8, 3),
                  embed_dims=(64, 128, 320, 512), head_dim: int = 64, mlp_ratio: float = 4.0, qkv_bias: bool = True,
