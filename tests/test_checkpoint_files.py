@@ -191,6 +191,8 @@ def test_trainer_weights_carry_the_digest(tmp_path):
     trainer = _Run.__new__(_Run)             # only _save_weights is exercised
     trainer.img_size, trainer.in_chans, trainer.mean, trainer.std = 32, 3, [0.5] * 3, [0.5] * 3
     trainer.progress = {"step": 3}
+    from formers.tasks import get_task
+    trainer.task = get_task("classify")
 
     class _Cfg:
         model_kwargs, dataset, out = {}, "digits", str(tmp_path)
@@ -207,7 +209,7 @@ def test_trainer_weights_carry_the_digest(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ours", "foreign"])
 def test_formers_eval_says_whether_the_weights_were_verified(tmp_path, capsys, kind):
-    from formers.train.evaluate import run_eval
+    from formers.train import run_eval
     model = formers.create_model("swin_demo", num_classes=10, in_chans=1, img_size=32)
     path = tmp_path / "w.safetensors"
     if kind == "ours":

@@ -27,7 +27,7 @@ def built():
 
 
 def test_every_model_file_is_covered():
-    files = {formers.registry.model_entry(n).module.rsplit(".", 1)[1] for n in formers.list_models()}
+    files = {formers.registry.model_entry(n).module.rsplit(".", 1)[1] for n in formers.list_models(task="classify")}
     assert files <= set(FAMILIES), sorted(files - set(FAMILIES))
 
 

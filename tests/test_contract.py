@@ -23,7 +23,7 @@ def families() -> dict[str, str]:
     """family -> its smallest paper variant: tests/timm_contract/conftest.py's rule (a family is a model
     file and the name's first word), restated here, as importing that conftest would patch timm."""
     best = {}
-    for name in formers.list_models():
+    for name in formers.list_models(task="classify"):  # the image-backbone contract
         entry = model_entry(name)
         if entry.card.status == "reduced":
             continue
@@ -61,7 +61,7 @@ def _hw(model, y):
 # 1. pretrained_cfg
 
 # every family, plus the variants whose strides or sizes differ from their family's (demos, 384 px)
-CFG_MODELS = sorted(set(FAMILIES) | {n for n in formers.list_models() if model_entry(n).card.status == "reduced"
+CFG_MODELS = sorted(set(FAMILIES) | {n for n in formers.list_models(task="classify") if model_entry(n).card.status == "reduced"
                                      or model_entry(n).card.img_size not in (224, 240)})
 
 

@@ -43,6 +43,7 @@ class ModelCard:
     top1: float | None = None
     status: str = "implemented"   # implemented | reduced (not in the paper: demo/test config)
     notes: str = ""
+    task: str = "classify"        # the formers.tasks module that trains and evaluates it: classify | segment
 
     @property
     def title(self) -> str:
@@ -130,11 +131,13 @@ def model_entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
-def list_models(pattern: str = "*", module: str = "") -> list[str]:
-    """Registered variant names matching an fnmatch pattern (and a model file, if given)."""
+def list_models(pattern: str = "*", module: str = "", task: str | None = None) -> list[str]:
+    """Registered variant names matching an fnmatch pattern (and a model file, and the task on its card
+    -- "classify", "segment", ... -- if given)."""
     _ensure_loaded()
     names = [n for n, e in _REGISTRY.items()
-             if fnmatch.fnmatch(n, pattern) and (not module or e.module.endswith("." + module))]
+             if fnmatch.fnmatch(n, pattern) and (not module or e.module.endswith("." + module))
+             and (task is None or e.card.task == task)]
     return sorted(names)
 
 

@@ -91,8 +91,8 @@ def test_activations_too_big_for_memory_are_refused_before_the_first_step(tiny, 
 
 
 def test_an_allocator_failure_at_the_first_step_is_one_line(tiny, tmp_path, capsys, monkeypatch):
-    from formers.train import trainer
-    real = trainer.build_objective
+    from formers.tasks.classify import ClassifyTask
+    real = ClassifyTask.build_objective
 
     class Fails:
         def __init__(self, obj):
@@ -103,7 +103,7 @@ def test_an_allocator_failure_at_the_first_step_is_one_line(tiny, tmp_path, caps
 
         def __call__(self, model, x, y, step):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 1.00 GiB free)")
-    monkeypatch.setattr(trainer, "build_objective", lambda *a, **k: Fails(real(*a, **k)))
+    monkeypatch.setattr(ClassifyTask, "build_objective", lambda *a, **k: Fails(real(*a, **k)))
     rc = main(["train", tiny, *SHORT, "--epochs", "1", "--batch-size", "32", "--limit-train", "64",
                "--limit-test", "8", "--out", str(tmp_path / "o")])
     line = _last_err_line(capsys)

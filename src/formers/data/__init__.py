@@ -7,6 +7,9 @@
 from .augment import AUGMENTS, BatchTransform, channel_stats
 from .datasets import DATASETS, FASHION_MNIST_DIR, ImageData, load_dataset, resize_images
 from .sampler import EpochSampler, shard_slice, step_generator
+from .segdata import SegData, load_seg_folder
+from .mosaic import load_mosaic
 
 __all__ = ["DATASETS", "FASHION_MNIST_DIR", "ImageData", "load_dataset", "resize_images",
-           "AUGMENTS", "BatchTransform", "channel_stats", "EpochSampler", "shard_slice", "step_generator"]
+           "AUGMENTS", "BatchTransform", "channel_stats", "EpochSampler", "shard_slice", "step_generator",
+           "SegData", "load_seg_folder", "load_mosaic"]

@@ -9,8 +9,9 @@ Needs the `train` extra (tqdm, matplotlib, scikit-learn, numpy); each is importe
 where it is used.
 """
 from .common import TrainingDiverged, load_trained, read_weights_metadata
-from .evaluate import evaluate, run_eval
 from .trainer import TrainConfig, train
+from formers.tasks import run_eval   # noqa: E402  (the model's task evaluates; classification's below)
+from formers.tasks.classify import evaluate   # noqa: E402
 
 __all__ = ["TrainConfig", "train", "evaluate", "run_eval", "load_trained", "read_weights_metadata",
            "TrainingDiverged"]

@@ -46,10 +46,21 @@ def _size_list(text: str) -> list[int]:
 _positive_int = positive_int
 
 
+def _scale_list(text: str) -> list[float]:
+    try:
+        scales = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected scales like 0.75,1,1.25, got {text!r}") from None
+    if not scales or not all(0 < s < 16 for s in scales):
+        raise argparse.ArgumentTypeError(f"expected positive scales like 0.75,1,1.25, got {text!r}")
+    return scales
+
+
 def _data_options(p, suppress: bool):
     d = _S if suppress else None
-    p.add_argument("--dataset", default=_S if suppress else "digits", metavar="NAME",
-                   help="digits (default) | fashion-mnist | folder | npz")
+    p.add_argument("--dataset", default=_S if suppress else None, metavar="NAME",
+                   help="classification: digits (default) | fashion-mnist | folder | npz; "
+                        "segmentation: mosaic (default) | mosaic-target | seg-folder")
     p.add_argument("--data-dir", "--data", dest="data", default=d, metavar="PATH",
                    help="fashion-mnist: directory of the IDX files (default /usr/share/datasets/fashion-mnist); "
                         "folder: ROOT/<class>/*.png; npz: the .npz file")
@@ -70,7 +81,7 @@ def add_parser(subparsers):
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                 if f.default is not dataclasses.MISSING}
     p = subparsers.add_parser(
-        "train", help="train a registered model on an image data set (also under torchrun)",
+        "train", help="train a registered model on a data set of its task (also under torchrun)",
         description="Train a registered model; checkpoints, metrics.jsonl, curves.png, best/final weights "
                     "and summary.json go to --out. Run it under `torchrun --nproc_per_node=N` for DDP.")
     p.error = types.MethodType(_one_line_error, p)
@@ -142,6 +153,17 @@ def add_parser(subparsers):
     e.add_argument("--out", default=None, metavar="DIR",
                    help="where the confusion matrix PNG and eval JSON go (default: beside the checkpoint)")
     e.add_argument("--threads", type=_positive_int, default=None)
+    g = e.add_argument_group("segmentation models (task segment)")
+    g.add_argument("--mode", choices=["whole", "slide"], default=None,
+                   help="whole image (default) or sliding window (mmseg's slide_inference)")
+    g.add_argument("--crop", type=_positive_int, default=None, metavar="S", help="sliding-window crop (SxS)")
+    g.add_argument("--stride", type=_positive_int, default=None, metavar="S",
+                   help="sliding-window stride (default 2/3 of the crop)")
+    g.add_argument("--flip", action="store_true", default=None, help="test-time left-right flip")
+    g.add_argument("--scales", type=_scale_list, default=None, metavar="S1,S2,...",
+                   help="test-time scales, e.g. 0.75,1,1.25 (probabilities averaged)")
+    g.add_argument("--overlays", type=nonnegative_int, default=None, metavar="N",
+                   help="colour overlays of the first N images in a PNG (default 8)")
     e.set_defaults(func=_cmd_eval)
 
 
@@ -167,7 +189,8 @@ def _cmd_train(args):
     names = {f.name for f in dc.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if "out" not in given:
-        given["out"] = f"runs/{args.model}-{given.get('dataset', 'digits')}"
+        from formers.tasks import task_of
+        given["out"] = f"runs/{args.model}-{given.get('dataset') or task_of(args.model).default_dataset}"
     check_out_dir(given["out"])
     resolve_device(given.get("device"))
     cfg = TrainConfig(**given)
@@ -182,10 +205,20 @@ def _cmd_train(args):
 def _cmd_eval(args):
     import torch
 
-    from formers.train.evaluate import run_eval
+    from formers.tasks import task_of
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_eval(args.model, args.checkpoint, args.dataset, data=args.data, img_size=args.img_size,
-             batch_size=args.batch_size, limit_test=args.limit_test, precision=args.precision,
-             model_kwargs=args.model_kwargs, out=args.out, device=args.device, split=args.split)
+    task = task_of(args.model)
+    seg = {k: getattr(args, k) for k in ("mode", "crop", "stride", "flip", "scales", "overlays")
+           if getattr(args, k) is not None}
+    if seg and task.name != "segment":
+        print(f"formers eval: error: --{next(iter(seg))} is for segmentation models; {args.model} is a "
+              f"{task.name} model", file=sys.stderr)
+        return 2
+    if seg.get("mode") == "slide" and "crop" not in seg:
+        print("formers eval: error: --mode slide needs --crop", file=sys.stderr)
+        return 2
+    task.run_eval(args.model, args.checkpoint, args.dataset, data=args.data, img_size=args.img_size,
+                  batch_size=args.batch_size, limit_test=args.limit_test, precision=args.precision,
+                  model_kwargs=args.model_kwargs, out=args.out, device=args.device, split=args.split, **seg)
     return 0

@@ -93,9 +93,10 @@ def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model
     except Exception as e:
         raise ValueError(f"{name} cannot take {in_chans}x{img_size}x{img_size} images: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{name} returned {shape} for one image; a classifier should return (1, {num_classes})")
+    from formers.tasks import task_of
+    problem = task_of(name).output_problem(out, num_classes)
+    if problem:
+        raise ValueError(f"{name} returned {problem}")
     return counter.total
 
 

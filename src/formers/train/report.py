@@ -71,8 +71,9 @@ def _pyplot():
     return plt
 
 
-def plot_curves(rows: list[dict], path: str, title: str = ""):
-    """Training loss (per step and per epoch) and test accuracy against epochs."""
+def plot_curves(rows: list[dict], path: str, title: str = "", metric: str = "acc"):
+    """Training loss (per step and per epoch) and the test metric against epochs: the epoch rows'
+    f"test_{metric}" (accuracy for classification, mIoU for segmentation), with the training accuracy."""
     plt = _pyplot()
     steps = [r for r in rows if r.get("kind") == "step"]
     epochs = [r for r in rows if r.get("kind") == "epoch"]
@@ -85,14 +86,15 @@ def plot_curves(rows: list[dict], path: str, title: str = ""):
         ax_l.plot(ex, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train loss (epoch)")
         ax_l.plot(ex, [r["test_loss"] for r in epochs], "s--", color="tab:orange", label="test loss")
         ax_a.plot(ex, [r["train_acc"] for r in epochs], "o-", color="tab:blue", label="train acc")
-        ax_a.plot(ex, [r["test_acc"] for r in epochs], "s-", color="tab:orange", label="test acc")
-        if any("ema_test_acc" in r for r in epochs):
-            ax_a.plot(ex, [r.get("ema_test_acc") for r in epochs], "^-", color="tab:green", label="EMA test acc")
+        ax_a.plot(ex, [r[f"test_{metric}"] for r in epochs], "s-", color="tab:orange", label=f"test {metric}")
+        if any(f"ema_test_{metric}" in r for r in epochs):
+            ax_a.plot(ex, [r.get(f"ema_test_{metric}") for r in epochs], "^-", color="tab:green",
+                      label=f"EMA test {metric}")
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.set_yscale("log")
     ax_a.set_xlabel("epoch")
-    ax_a.set_ylabel("accuracy (%)")
+    ax_a.set_ylabel("accuracy (%)" if metric == "acc" else f"{metric} / accuracy (%)")
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
         if ax.lines:

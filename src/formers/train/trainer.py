@@ -1,9 +1,11 @@
-"""Train any registered model on an image classification data set, on one CPU or under torchrun.
+"""Train any registered model on a data set of its task, on one CPU or under torchrun.
 
     from formers.train import TrainConfig, train
     summary = train(TrainConfig("swin_demo", dataset="digits", epochs=40, batch_size=32, lr=2e-3,
                                  img_size=16, out="runs/demo"))
 
+The model's card names its task (formers.tasks): the task loads the data, makes the batches,
+builds the objective and evaluates; everything else here is the same for every task.
 One step: take the global batch the sampler names for (epoch, position), keep this
 process's slice, augment it with the step's own generator, run `accum` micro-batches
 (gradients synchronised on the last), clip, AdamW, schedule, EMA. Every `save_every`
@@ -31,8 +33,6 @@ from formers.checkpoint import save_checkpoint
 
 from .common import TrainingDiverged, autocast, check_model, default_img_size, weights_metadata
 from .distributed import DistContext, setup, teardown
-from .evaluate import evaluate
-from .objectives import build_objective
 from .optim import ModelEma, WarmupCosine, build_optimizer
 from .report import MetricsLog, Progress, plot_curves
 from .state import (atomic_replace, capture_rng, clean_temp, find_latest, load_optimizer, load_train_state,
@@ -44,7 +44,7 @@ __all__ = ["TrainConfig", "train", "RESUME_FREE"]
 @dataclass
 class TrainConfig:
     model: str
-    dataset: str = "digits"
+    dataset: str | None = None           # None: the task's default (digits for classification)
     data: str | None = None              # --data-dir / --data: a directory or file, by dataset
     epochs: int = 10
     batch_size: int = 128                # global: split across processes and accumulation steps
@@ -99,10 +99,10 @@ def _seed_all(seed: int):
 
 
 def _validate(cfg: TrainConfig):
-    from formers.data import AUGMENTS, DATASETS
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    formers.registry.model_entry(cfg.model)    # unknown model: a clear error with suggestions
+    from formers.data import AUGMENTS
+    from formers.tasks import task_of
+    task = task_of(cfg.model)                  # unknown model: a clear error with suggestions
+    task.check_dataset(cfg.dataset, cfg.model)
     def finite(v):
         return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
     for opt, v in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--warmup-epochs", cfg.warmup_epochs),
@@ -138,7 +138,7 @@ def _validate(cfg: TrainConfig):
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing or 0.0)   # unknown name / bad kwargs
+    task.build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing or 0.0)  # unknown name / bad kwargs
     for k, what in _RESERVED_KWARGS.items():
         if k in cfg.model_kwargs:
             raise ValueError(f"--model-kwargs may not set {k!r}; it comes from {what}")
@@ -149,7 +149,8 @@ def _merge_resumed(cfg: TrainConfig, saved: dict, explicit: set | None) -> Train
     A setting that changes what is learned and differs from the saved run is an error."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = names if explicit is None else (set(explicit) & names)
-    auto = {"augment": "auto", "label_smoothing": None, "warmup_epochs": None}   # resolved when the run began
+    auto = {"augment": "auto", "label_smoothing": None, "warmup_epochs": None,   # resolved when the run began
+            "dataset": None}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}"
              for k in sorted(given - RESUME_FREE) if k in saved and saved[k] != getattr(cfg, k)
              and not (k in auto and getattr(cfg, k) == auto[k])]
@@ -191,6 +192,9 @@ def train(cfg: TrainConfig, resume: bool | str = False, explicit: set | None = N
                              "a new run there, or give the --out of the run to continue")
         state = load_train_state(json_path)
         cfg = _merge_resumed(cfg, state[0]["config"], explicit)
+    if cfg.dataset is None:
+        from formers.tasks import task_of
+        cfg = dataclasses.replace(cfg, dataset=task_of(cfg.model).default_dataset)
     _validate(cfg)
     resolve_device(cfg.device)          # a device this machine lacks: one line, before the data is read
     try:
@@ -235,7 +239,9 @@ def _raise_if_oom(e: BaseException, cfg: TrainConfig, img_size, where: str):
 
 class _Run:
     def __init__(self, cfg: TrainConfig, state, resume_asked: bool):
+        from formers.tasks import task_of
         self.cfg = cfg
+        self.task = task_of(cfg.model)
         self.state = state
         self.resume_asked = resume_asked
         self.notes: list[str] = []
@@ -248,10 +254,8 @@ class _Run:
     # ------------------------------------------------------------ setup
 
     def _prepare_data(self):
-        from formers.data import BatchTransform, channel_stats, load_dataset
         cfg = self.cfg
-        data = load_dataset(cfg.dataset, cfg.data, img_size=cfg.img_size,
-                            limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+        data = self.task.load_data(cfg)
         if len(data.y_test) == 0:
             raise ValueError(f"{data.name} data from {data.source!r} has no test images to evaluate the run on")
         self.in_chans = cfg.in_chans or data.channels
@@ -265,12 +269,9 @@ class _Run:
         # the checkpoints record the sizes actually used, so a resumed run never re-derives them
         self.cfg = cfg = dataclasses.replace(cfg, img_size=size, in_chans=self.in_chans)
         self.data = data.resized(size)
-        self.mean, self.std = channel_stats(self.data.x_train)
         self.cfg = cfg = self._resolve_recipe(cfg, len(data.y_train), data.hflip)
-        aug = cfg.augment
-        pad = max(1, size // 8) if aug in ("crop", "crop-flip") else 0
-        self.train_tf = BatchTransform(self.mean, self.std, self.in_chans, crop_pad=pad, hflip=aug == "crop-flip")
-        self.test_tf = BatchTransform(self.mean, self.std, self.in_chans)
+        self.train_tf, self.test_tf, (self.mean, self.std) = self.task.transforms(self.data, self.in_chans, size,
+                                                                                   cfg.augment)
 
     def _resolve_recipe(self, cfg: TrainConfig, n_train: int, hflip: bool) -> TrainConfig:
         """Turn the 'auto' settings into the values used, and cap the warm-up at WARMUP_CAP of the run.
@@ -330,7 +331,7 @@ class _Run:
         self.sampler = EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed)
         self.steps_per_epoch = len(self.sampler)
         _seed_all(cfg.seed)
-        self.objective = build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)
+        self.objective = self.task.build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)
         model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
                                      img_size=self.img_size, **cfg.model_kwargs)
         self.model = self.objective.prepare(model).to(ctx.device)
@@ -346,7 +347,7 @@ class _Run:
             self.data.x_test, self.data.y_test = self.data.x_test.to(ctx.device), self.data.y_test.to(ctx.device)
         self.progress = dict(epoch=0, position=0, step=0, best_acc=-1.0, best_epoch=0, best_weights=None,
                              elapsed=0.0, train_time=0.0, train_images=0, last_eval=None,
-                             ep_loss=0.0, ep_correct=0, ep_seen=0, ep_time=0.0)
+                             ep_loss=0.0, ep_correct=0, ep_seen=0, ep_counted=0, ep_time=0.0)
 
     def _check_memory(self, device: torch.device):
         """Refuse, before building anything, a micro-batch whose activations cannot fit: a CPU run that
@@ -376,6 +377,7 @@ class _Run:
         load_optimizer(self.optimizer, tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.progress.update(meta["progress"])
+        self.progress.setdefault("ep_counted", self.progress["ep_seen"])   # older checkpoints counted images
         if meta["progress"]["epoch"] < cfg.epochs and self.scheduler.total != meta["scheduler"]["total"]:
             _log(ctx, f"note: --epochs changed to {cfg.epochs}; the learning-rate schedule is stretched to match")
         rank_rng = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng/{ctx.rank}/")}
@@ -420,7 +422,7 @@ class _Run:
         meta = weights_metadata(
             img_size=self.img_size, in_chans=self.in_chans, model_kwargs=self.cfg.model_kwargs,
             mean=self.mean, std=self.std, dataset=self.cfg.dataset, classes=self.data.classes,
-            weights=which, epoch=epoch, test_acc=acc, step=self.progress["step"])
+            weights=which, epoch=epoch, **{f"test_{self.task.headline_field}": acc}, step=self.progress["step"])
         path = os.path.join(self.cfg.out, name)
         tmp = f"{path}.tmp{os.getpid()}"
         save_checkpoint(module, tmp, metadata=meta)
@@ -506,17 +508,20 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), dtype=torch.long, device=dev)
+            counted = 0
             for m in range(cfg.accum):
                 sl = slice(m * self.micro, (m + 1) * self.micro)
-                xb = self.train_tf(data.x_train[idx[sl]], BatchTransform.slice_params(params, sl))
-                yb = data.y_train[idx[sl]]
+                xb, yb = self.task.make_batch(self.train_tf, data.x_train[idx[sl]], data.y_train[idx[sl]],
+                                              BatchTransform.slice_params(params, sl))
                 sync = m == cfg.accum - 1 or not ddp
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     with autocast(dev, cfg.precision):
                         loss, logits = self.objective(self.model, xb, yb, pr["step"])
                     (loss / cfg.accum).backward()
                 loss_sum += loss.detach() * len(yb)
-                correct += (logits.detach().argmax(1) == yb).sum()
+                hits, n = self.task.step_stats(logits, yb)
+                correct += hits
+                counted += n
             seen = self.micro * cfg.accum
             step_loss = float(loss_sum) / seen
             if not torch.isfinite(torch.tensor(step_loss)):
@@ -535,16 +540,17 @@ class _Run:
             pr["ep_loss"] += float(loss_sum)
             pr["ep_correct"] += int(correct)
             pr["ep_seen"] += seen
+            pr["ep_counted"] += counted
             pr["ep_time"] += dt
             pr["train_time"] += dt
             pr["train_images"] += B
             if ctx.is_main:
                 row = {"kind": "step", "step": pr["step"], "epoch": epoch + (pos + 1) / self.steps_per_epoch,
-                       "loss": step_loss, "acc": 100.0 * int(correct) / seen, "lr": lr}
+                       "loss": step_loss, "acc": 100.0 * int(correct) / max(counted, 1), "lr": lr}
                 self.metrics.write(row)
                 self.rows.append(row)
                 bar.update(loss=f"{pr['ep_loss'] / pr['ep_seen']:.4f}",
-                           acc=f"{100.0 * pr['ep_correct'] / pr['ep_seen']:.1f}%",
+                           acc=f"{100.0 * pr['ep_correct'] / max(pr['ep_counted'], 1):.1f}%",
                            **{"img/s": f"{B * (pos + 1) / max(pr['ep_time'], 1e-9):.0f}"})
             if cfg.save_every and pr["step"] % cfg.save_every == 0 and pos + 1 < self.steps_per_epoch:
                 self._save_state()
@@ -554,21 +560,22 @@ class _Run:
     def _end_epoch(self, raw):
         cfg, ctx, pr = self.cfg, self.ctx, self.progress
         epoch = pr["epoch"]
-        sums = ctx.all_reduce_sum(torch.tensor([pr["ep_loss"], pr["ep_correct"], pr["ep_seen"]],
+        task = self.task
+        sums = ctx.all_reduce_sum(torch.tensor([pr["ep_loss"], pr["ep_correct"], pr["ep_seen"], pr["ep_counted"]],
                                                dtype=torch.float64))
-        train_loss, train_acc = float(sums[0] / sums[2]), float(100.0 * sums[1] / sums[2])
+        train_loss, train_acc = float(sums[0] / sums[2]), float(100.0 * sums[1] / sums[3])
         imgs_per_s = self.steps_per_epoch * cfg.batch_size / max(pr["ep_time"], 1e-9)
-        res = evaluate(raw, self.data.x_test, self.data.y_test, self.test_tf, self.data.num_classes,
-                       cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
+        res = task.evaluate(raw, self.data, self.test_tf, cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
         row = {"kind": "epoch", "step": pr["step"], "epoch": epoch + 1, "train_loss": train_loss,
-               "train_acc": train_acc, "test_loss": res["loss"], "test_acc": res["top1"], "test_top5": res["top5"],
+               "train_acc": train_acc, **task.epoch_fields(res, "test"),
                "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": imgs_per_s, "epoch_time": pr["ep_time"]}
-        candidates = [("model", raw, res["top1"])]
+        head = f"test_{task.headline_field}"
+        candidates = [("model", raw, res[task.headline])]
         if self.ema is not None:
-            ema_res = evaluate(self.ema.module, self.data.x_test, self.data.y_test, self.test_tf,
-                               self.data.num_classes, cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
-            row.update(ema_test_acc=ema_res["top1"], ema_test_loss=ema_res["loss"])
-            candidates.append(("ema", self.ema.module, ema_res["top1"]))
+            ema_res = task.evaluate(self.ema.module, self.data, self.test_tf, cfg.eval_batch_size, ctx.device,
+                                    cfg.precision, ctx)
+            row.update(task.epoch_fields(ema_res, "ema_test"))
+            candidates.append(("ema", self.ema.module, ema_res[task.headline]))
         which, module, acc = max(candidates, key=lambda c: c[2])
         improved = acc > pr["best_acc"]
         pr.update(last_eval={k: row[k] for k in row if k.startswith(("test", "ema", "train"))})
@@ -577,30 +584,33 @@ class _Run:
         if ctx.is_main:
             self.metrics.write(row)
             self.rows.append(row)
-            ema_txt = f" ema {row['ema_test_acc']:.2f}%" if "ema_test_acc" in row else ""
+            ema_txt = f" ema {row['ema_' + head]:.2f}%" if "ema_" + head in row else ""
+            label = task.headline_label
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
-                  f"test loss {res['loss']:.4f} acc {res['top1']:5.2f}%{ema_txt}  (best {pr['best_acc']:.2f}%)  "
-                  f"{imgs_per_s:,.0f} img/s  {pr['ep_time']:.1f}s", flush=True)
+                  f"test loss {res['loss']:.4f} {label} {res[task.headline]:5.2f}%{ema_txt}  "
+                  f"(best {pr['best_acc']:.2f}%)  {imgs_per_s:,.0f} img/s  {pr['ep_time']:.1f}s", flush=True)
             if improved:
                 self._save_weights(module, "best.safetensors", which, epoch + 1, acc)
             # redrawn at most every 15 s (a plot costs ~0.3 s of CPU) and always after the last epoch
             if epoch + 1 == cfg.epochs or time.perf_counter() - self.last_plot >= 15.0:
-                plot_curves(self.rows, os.path.join(cfg.out, "curves.png"), title=f"{cfg.model} on {cfg.dataset}")
+                plot_curves(self.rows, os.path.join(cfg.out, "curves.png"), title=f"{cfg.model} on {cfg.dataset}",
+                            metric=task.headline_field)
                 self.last_plot = time.perf_counter()
-        pr.update(epoch=epoch + 1, position=0, ep_loss=0.0, ep_correct=0, ep_seen=0, ep_time=0.0)
+        pr.update(epoch=epoch + 1, position=0, ep_loss=0.0, ep_correct=0, ep_seen=0, ep_counted=0, ep_time=0.0)
         self._save_state()
 
     def _finish(self, raw) -> dict:
         cfg, ctx, pr = self.cfg, self.ctx, self.progress
         digests = ctx.gather_objects(_params_digest(raw))
+        hf = self.task.headline_field
         summary = None
         if ctx.is_main:
             out = cfg.out
             files = {"final": self._save_weights(raw, "final.safetensors", "model", pr["epoch"],
-                                                 (pr["last_eval"] or {}).get("test_acc"))}
+                                                 (pr["last_eval"] or {}).get(f"test_{hf}"))}
             if self.ema is not None:
                 files["final_ema"] = self._save_weights(self.ema.module, "final_ema.safetensors", "ema",
-                                                        pr["epoch"], (pr["last_eval"] or {}).get("ema_test_acc"))
+                                                        pr["epoch"], (pr["last_eval"] or {}).get(f"ema_test_{hf}"))
             files.update(best=os.path.join(out, "best.safetensors"), curves=os.path.join(out, "curves.png"),
                          metrics=os.path.join(out, "metrics.jsonl"),
                          checkpoint=find_latest(self.ckpt_dir))
@@ -611,9 +621,10 @@ class _Run:
                 "classes": self.data.classes, "img_size": self.img_size, "in_chans": self.in_chans,
                 "params_m": sum(p.numel() for p in raw.parameters()) / 1e6,
                 "epochs": pr["epoch"], "steps": pr["step"], "batch_size": cfg.batch_size,
-                "best_test_acc": pr["best_acc"], "best_epoch": pr["best_epoch"], "best_weights": pr["best_weights"],
-                "final_test_acc": last.get("test_acc"), "final_test_top5": last.get("test_top5"),
-                "final_test_loss": last.get("test_loss"), "final_ema_test_acc": last.get("ema_test_acc"),
+                "task": self.task.name, "headline": f"test_{hf}",
+                f"best_test_{hf}": pr["best_acc"], "best_epoch": pr["best_epoch"], "best_weights": pr["best_weights"],
+                **{f"final_{k}": v for k, v in last.items() if k.startswith("test_")},
+                f"final_ema_test_{hf}": last.get(f"ema_test_{hf}"),
                 "train_img_per_s": pr["train_images"] / max(pr["train_time"], 1e-9),
                 "train_time_s": pr["train_time"], "wall_time_s": self._elapsed(),
                 "world_size": ctx.world_size, "device": str(ctx.device), "threads": torch.get_num_threads(),
@@ -622,7 +633,8 @@ class _Run:
             with open(os.path.join(out, "summary.json.tmp"), "w") as f:
                 json.dump(summary, f, indent=1)
             atomic_replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
-            print(f"done: best test accuracy {pr['best_acc']:.2f}% (epoch {pr['best_epoch']}, "
+            what = "accuracy" if hf == "acc" else self.task.headline_label
+            print(f"done: best test {what} {pr['best_acc']:.2f}% (epoch {pr['best_epoch']}, "
                   f"{pr['best_weights']} weights), {summary['train_img_per_s']:,.0f} img/s, "
                   f"{summary['wall_time_s']:.0f}s", flush=True)
             print(f"  curves:      {files['curves']}", flush=True)

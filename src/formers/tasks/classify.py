@@ -1,5 +1,11 @@
-"""Top-1 / top-5 accuracy, loss and the confusion matrix of a model on a test split, and
-`formers eval`, which does it for a weights file and draws the matrix."""
+"""Image classification: the task of every image backbone (`ModelCard.task == "classify"`).
+
+Its data sets are formers.data's (digits, Fashion-MNIST, a folder of class folders, an .npz file);
+its batch is a uint8 image batch augmented by `BatchTransform` and its labels; its objective is
+cross-entropy (`--objective ce`, or multires / matformer / sparse / lowrank); its metrics are
+top-1 / top-5 accuracy, loss and the confusion matrix of the whole split; `formers eval` evaluates a
+weights file and draws the matrix.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +14,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .common import autocast, read_weights_metadata
+from formers.train.common import autocast, read_weights_metadata
 
-__all__ = ["evaluate", "run_eval"]
+from .base import Task
+
+__all__ = ["ClassifyTask", "evaluate", "run_eval"]
 
 
 @torch.no_grad()
@@ -52,7 +60,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, transform, num_classes: in
     }
 
 
-def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = None,
+def run_eval(model_name: str, checkpoint: str, dataset: str | None = None, data: str | None = None,
              img_size: int | None = None, batch_size: int = 256, limit_test: int | None = None,
              precision: str = "fp32", model_kwargs: dict | None = None, out: str | None = None,
              device: str | None = None, split: str | None = None) -> dict:
@@ -64,7 +72,7 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
     import formers
     from formers.data import BatchTransform, channel_stats, load_dataset
 
-    from .common import check_model, default_img_size
+    from formers.train.common import check_model, default_img_size
     if not os.path.exists(checkpoint):   # a directory: load_checkpoint says what it is
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     if not os.access(checkpoint, os.R_OK):
@@ -76,6 +84,7 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
         check_out_dir(out)
     dev = resolve_device(device)
     meta = read_weights_metadata(checkpoint)
+    dataset = dataset or meta.get("dataset") or "digits"   # default: the data the weights were trained on
     formers.registry.model_entry(model_name)        # an unknown name fails before any data is read
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs.update(model_kwargs or {})
@@ -122,7 +131,7 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
     os.makedirs(out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     png = os.path.join(out, f"confusion_{stem}_{dataset}_{split}.png")
-    from .report import plot_confusion
+    from formers.train.report import plot_confusion
     plot_confusion(res["confusion"].numpy(), data_set.classes, png,
                    title=f"{model_name} on {dataset} {split}: top-1 {res['top1']:.2f}%")
     summary = {k: v for k, v in res.items() if k != "confusion"}
@@ -135,3 +144,58 @@ def run_eval(model_name: str, checkpoint: str, dataset: str, data: str | None = 
           f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
     print(f"confusion matrix: {png}")
     return summary
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    headline = "top1"
+    headline_label = "acc"
+    default_dataset = "digits"
+
+    @property
+    def datasets(self) -> tuple:
+        from formers.data import DATASETS
+        return tuple(DATASETS)
+
+    def load_data(self, cfg):
+        from formers.data import load_dataset
+        return load_dataset(cfg.dataset, cfg.data, img_size=cfg.img_size,
+                            limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+
+    def transforms(self, data, in_chans: int, size: int, augment: str):
+        """(train, test) transforms and the (mean, std) they normalise with, the training split's."""
+        from formers.data import BatchTransform, channel_stats
+        mean, std = channel_stats(data.x_train)
+        pad = max(1, size // 8) if augment in ("crop", "crop-flip") else 0
+        return (BatchTransform(mean, std, in_chans, crop_pad=pad, hflip=augment == "crop-flip"),
+                BatchTransform(mean, std, in_chans), (mean, std))
+
+    def make_batch(self, tf, x, y, params):
+        return tf(x, params), y
+
+    def build_objective(self, name: str, kwargs: dict, label_smoothing: float):
+        from formers.train.objectives import build_objective
+        return build_objective(name, kwargs, label_smoothing)
+
+    def output_problem(self, out, num_classes: int):
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            return f"{shape} for one image; a classifier should return (1, {num_classes})"
+        return None
+
+    def step_stats(self, logits, y):
+        """(correct, counted) of one micro-batch: top-1 hits over its images."""
+        return (logits.detach().argmax(1) == y).sum(), y.numel()
+
+    def evaluate(self, model, data, tf, batch_size: int, device, precision: str, ctx=None) -> dict:
+        return evaluate(model, data.x_test, data.y_test, tf, data.num_classes, batch_size, device, precision, ctx)
+
+    def epoch_fields(self, res: dict, prefix: str) -> dict:
+        if prefix == "test":
+            return {"test_loss": res["loss"], "test_acc": res["top1"], "test_top5": res["top5"]}
+        return {f"{prefix}_acc": res["top1"], f"{prefix}_loss": res["loss"]}
+
+    headline_field = "acc"   # the epoch row's key is f"{prefix}_{headline_field}"
+
+    def run_eval(self, *args, **kwargs) -> dict:
+        return run_eval(*args, **kwargs)
