@@ -7,8 +7,15 @@
 from .augment import AUGMENTS, BatchTransform, channel_stats
 from .datasets import DATASETS, FASHION_MNIST_DIR, ImageData, load_dataset, resize_images
 from .sampler import EpochSampler, shard_slice, step_generator
-from .segdata import SegData, load_seg_folder
-from .mosaic import load_mosaic
+
+_LAZY = {"SegData": ".segdata", "load_seg_folder": ".segdata", "load_mosaic": ".mosaic"}   # they need numpy
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["DATASETS", "FASHION_MNIST_DIR", "ImageData", "load_dataset", "resize_images",
            "AUGMENTS", "BatchTransform", "channel_stats", "EpochSampler", "shard_slice", "step_generator",
