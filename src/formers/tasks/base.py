@@ -22,6 +22,7 @@ class Task:
     name = ""
     headline = ""            # the key of evaluate()'s result that "best" and the summary report
     headline_label = ""      # how a line prints it ("acc", "mIoU")
+    headline_field = ""      # its key in a metrics.jsonl epoch row: f"test_{headline_field}" ("acc", "miou")
     default_dataset = ""
     datasets: tuple = ()
 
