@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-export bench venv clean
+.PHONY: demo test test-export bench daformer-ablation venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test-export: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/formers bench swin_tiny_patch4_window7_224 poolformer_s12 convformer_s18 caformer_s18 \
 		--peer timm --out runs/bench/bench.csv $(BENCH_ARGS)
+
+# DAFormer's training components one by one on the mosaic (reduced scale; about 20 minutes on 2 cores)
+daformer-ablation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m formers.bench.daformer_ablation --out runs/daformer-ablation $(ABLATION_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

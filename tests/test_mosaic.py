@@ -53,7 +53,7 @@ def test_fields_and_description(tmp_path):
     t = M.load_mosaic((4, 2), domain="target", cache_dir=str(tmp_path))
     assert t.name == "mosaic-target" and "target domain" in t.describe()
     with pytest.raises(ValueError, match="domain"):
-        M.load_mosaic((4, 2), domain="night", cache_dir=str(tmp_path))
+        M.load_mosaic((4, 2), domain="dusk", cache_dir=str(tmp_path))
 
 
 @needs_fashion
@@ -84,7 +84,7 @@ def test_cache_is_used_and_damage_rebuilds(tmp_path, monkeypatch):
 
 
 @needs_fashion
-@pytest.mark.parametrize("domain", ["source", "target"])
+@pytest.mark.parametrize("domain", ["source", "target", "night"])
 def test_semantic_labels_are_exact(tmp_path, domain):
     from formers.data.datasets import load_fashion_mnist
     fm = load_fashion_mnist()
@@ -169,6 +169,26 @@ def test_domains_differ_in_colour_and_sharpness(tmp_path):
     assert (mt < ms - 20).all() and mt[2] > mt[0] + 10        # darker and blue-shifted
     hf = lambda x: np.abs(np.diff(x, axis=-1)).mean() + np.abs(np.diff(x, axis=-2)).mean()
     assert hf(tgt) < 0.5 * hf(src)                           # blurred
+
+
+@needs_fashion
+def test_night_domain_is_the_source_textures_under_the_target_palette_and_blur(tmp_path):
+    """"night" shares the source's texture patterns (so its images are the source's but darker, blue-shifted
+    and blurred), and the target's long tail of items; its draws are its own."""
+    src = M.load_mosaic((60, 4), domain="source", cache_dir=str(tmp_path)).x_train.numpy().astype(np.float64)
+    night = M.load_mosaic((300, 4), domain="night", cache_dir=str(tmp_path))
+    x = night.x_train.numpy()[:60].astype(np.float64)
+    ms, mn = src.mean(axis=(0, 2, 3)), x.mean(axis=(0, 2, 3))
+    assert (mn < ms - 20).all() and mn[2] > mn[0] + 10
+    hf = lambda v: np.abs(np.diff(v, axis=-1)).mean() + np.abs(np.diff(v, axis=-2)).mean()
+    assert hf(x) < 0.5 * hf(src)
+    assert M._DOMAINS["night"]["stripe_dirs"] == M._DOMAINS["source"]["stripe_dirs"]
+    assert M._DOMAINS["night"]["checker"] == "square" and M._DOMAINS["night"]["noise_cell"] == 1
+    counts = np.bincount(_instance_classes(night.y_train.numpy(), night.instance_train.numpy()), minlength=10)
+    assert counts.argmax() == M.TARGET_CLASS_ORDER[0] and counts.min() <= counts.max() / 4
+    assert night.name == "mosaic-night"
+    with pytest.raises(ValueError, match="source, target, night"):
+        M.load_mosaic((1, 1), domain="dusk", cache_dir=str(tmp_path))
 
 
 def test_missing_fashion_mnist_raises(tmp_path):

@@ -290,3 +290,26 @@ def test_model_file_timm_compat_kwargs_are_used_and_explicit_ones_win(monkeypatc
         benchmark("swin_tiny_patch4_window7_224", peer="timm", img_size=64, batch_size=2, model_kwargs=SMALL_SWIN,
                   ours_kwargs=ours_kwargs, prepare=lambda ours, peer: seen.append(ours.pos_drop.p), **FAST)
     assert seen == [0.25, 0.5]
+
+
+def test_peer_hf_segformer_same_weights_and_segmentation_train_step():
+    """--peer hf: HF transformers' SegFormer from segformer.py's hf_peer, its weights mapped into ours (with
+    HF_COMPAT_KWARGS' LayerNorm eps), outputs checked, then both timed in inference and a training step on
+    random label maps."""
+    pytest.importorskip("transformers")
+    seen, logs = {}, []
+    def prepare(ours, peer):   # before any timed (training) step changes the weights
+        seen.update(eps=ours.encoder.stages[0].norm.eps, same=torch.equal(
+            ours.head.classifier.weight, peer.model.decode_head.classifier.weight))
+    rows = benchmark("segformer_b0", peer="hf", img_size=64, batch_size=2, mode="both", log=logs.append,
+                     model_kwargs={"num_classes": 7}, prepare=prepare, **FAST)
+    assert seen == {"eps": 1e-5, "same": True}       # HF's LayerNorm eps, so the two compute one function
+    assert any("outputs equal to hf's" in line for line in logs)
+    ours, peer = rows
+    assert (ours["impl"], peer["impl"], ours["peer"]) == ("formers", "hf", "hf")
+    for m in ("infer", "train"):
+        assert ours[f"{m}_ratio"] == pytest.approx(ours[f"{m}_samples_per_sec"] / peer[f"{m}_samples_per_sec"],
+                                                   rel=2e-3)
+    assert ours["param_count"] == peer["param_count"]
+    with pytest.raises(BenchError, match="no HF transformers counterpart"):
+        benchmark("swin_demo", peer="hf", img_size=32, batch_size=1, **FAST)

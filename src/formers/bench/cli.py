@@ -120,7 +120,7 @@ def add_parser(subparsers):
         description=__doc__.splitlines()[0], epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="registered model names")
-    p.add_argument("--peer", choices=["timm"], default=None,
+    p.add_argument("--peer", choices=["timm", "hf"], default=None,
                    help="also time the peer library's model of the same name, with the same weights, interleaved")
     p.add_argument("--batch-size", "-b", type=positive_int, default=8)
     p.add_argument("--img-size", type=positive_int, default=None, help="default: the model's own input size")

@@ -1,4 +1,4 @@
-"""Timing, memory and FLOP-rate of one model, or of ours and a peer's (timm) side by side.
+"""Timing, memory and FLOP-rate of one model, or of ours and a peer's (timm, HF transformers) side by side.
 
 How a figure is made:
 - a step is one batch: inference is `model(x)` in eval mode under `torch.inference_mode()`;
@@ -15,7 +15,9 @@ How a figure is made:
   torch.cuda.max_memory_allocated. The largest over the loops is reported.
 - GMACs are counted (formers.count_flops, under no_grad) on the eager model for one image;
   a training step is counted as 3x the forward. GFLOP/s = 2 x MACs per image x images/s.
-- with a peer, the peer's model is built with the same name and image size, its weights are
+- a segmentation model's training step uses random label maps at its output's size.
+- with a peer, the peer's model is built with the same name and image size (timm), or by our
+  model file's `hf_peer(name, num_classes)` (HF transformers, e.g. SegFormer), its weights are
   mapped into ours through our model file's checkpoint_filter_fn and loaded strictly, and the
   two outputs must agree (fp32: 1e-4, bf16: 5e-2, relative to max(1, largest logit)) before
   anything is timed; otherwise BenchError.
@@ -138,16 +140,52 @@ def _stem_reduction(model: nn.Module) -> int:
     return int(info[0].get("reduction") or 1)  # None: a token set with no grid (SparseFormer)
 
 
-def timm_compat_kwargs(name: str) -> dict:
-    """Our create_model kwargs under which `name` computes what timm's model of that name computes.
+PEERS = ("timm", "hf")
 
-    A model file whose variant deliberately differs from timm's port (the official code and timm
-    disagree) declares them as `TIMM_COMPAT_KWARGS = {variant: {kwarg: value}}`; --peer timm uses
-    them (explicit ours_kwargs win).
+
+def timm_compat_kwargs(name: str, peer: str = "timm") -> dict:
+    """Our create_model kwargs under which `name` computes what the peer's model computes.
+
+    A model file whose variant deliberately differs from the peer's port (the official code and timm
+    disagree; HF's SegFormer uses LayerNorm eps 1e-5 where the official code has 1e-6) declares them as
+    `TIMM_COMPAT_KWARGS` / `HF_COMPAT_KWARGS` = {variant: {kwarg: value}}; --peer uses them (explicit
+    ours_kwargs win).
     """
     from formers.registry import model_entry
     module = sys.modules.get(model_entry(name).module)
-    return dict(getattr(module, "TIMM_COMPAT_KWARGS", {}).get(name, {}))
+    table = "TIMM_COMPAT_KWARGS" if peer == "timm" else "HF_COMPAT_KWARGS"
+    return dict(getattr(module, table, {}).get(name, {}))
+
+
+class HFLogits(nn.Module):
+    """An HF transformers model as a peer: forward(x) -> its `logits` (pixel_values in); its weights are
+    the wrapped model's state dict, under the wrapped model's own names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+    def peer_state_dict(self) -> dict:
+        return self.model.state_dict()
+
+
+def _build_hf(name: str, num_classes: int, model_kwargs: dict, device) -> nn.Module:
+    from formers.registry import model_entry
+    module = sys.modules.get(model_entry(name).module)
+    build = getattr(module, "hf_peer", None)
+    if build is None:
+        raise BenchError(f"--peer hf: {name} has no HF transformers counterpart (its model file defines no hf_peer)")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise BenchError(f"--peer hf needs the transformers package (a test dependency of formers: "
+                         f"pip install 'formers[test]'); importing it failed: {e}") from None
+    torch.manual_seed(1)
+    kwargs = {k: v for k, v in model_kwargs.items() if k != "num_classes"}   # ours' count is passed
+    return HFLogits(build(name, num_classes, **kwargs)).to(device)
 
 
 def _build_ours(name: str, img_size: int | None, model_kwargs: dict, device) -> nn.Module:
@@ -186,7 +224,7 @@ def load_peer_weights(ours: nn.Module, peer: nn.Module) -> None:
     """Load the peer's weights into ours through our model file's checkpoint_filter_fn (strict)."""
     module = sys.modules[type(ours).__module__]
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    sd = peer.state_dict()
+    sd = peer.peer_state_dict() if hasattr(peer, "peer_state_dict") else peer.state_dict()
     mapped = filter_fn(sd, ours) if filter_fn is not None else sd
     own = ours.state_dict()
     missing = [k for k in own if k not in mapped]
@@ -262,14 +300,21 @@ def make_step(model: nn.Module, mode: str, x: torch.Tensor, precision: str, comp
     fn = torch.compile(model) if compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
-    target = torch.randint(0, num_classes, (x.shape[0],), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+    gen = torch.Generator(device=device).manual_seed(0)
+    targets = {}
+
+    def target(out):   # (B,) classes, or (B, h, w) label maps for a segmentation model's (B, K, h, w) scores
+        shape = (out.shape[0],) + tuple(out.shape[2:])
+        if shape not in targets:
+            targets[shape] = torch.randint(0, num_classes, shape, device=device, generator=gen)
+        return targets[shape]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with _autocast(precision, device):
             out = fn(x)
-            loss = loss_fn(out, target)
+            out = out[0] if isinstance(out, (tuple, list)) else out   # an auxiliary head's scores are extra
+            loss = loss_fn(out, target(out))
         loss.backward()
         optimizer.step()
     return step
@@ -363,8 +408,8 @@ def benchmark(models, peer: str | None = None, batch_size: int = 8, img_size: in
         models = [models]
     if precision not in PRECISIONS:
         raise BenchError(f"precision must be fp32 or bf16, got {precision!r}")
-    if peer not in (None, "timm"):
-        raise BenchError(f"unknown peer {peer!r}: the peer library can be 'timm'")
+    if peer not in (None,) + PEERS:
+        raise BenchError(f"unknown peer {peer!r}: the peer library can be {' or '.join(PEERS)}")
     modes = _modes(mode)
     if optimized and "train" in modes:
         raise BenchError("--optimize is an inference path: use it with --mode infer")
@@ -388,7 +433,7 @@ def benchmark(models, peer: str | None = None, batch_size: int = 8, img_size: in
 
 def _bench_one(name, peer, batch_size, img_size, precision, modes, compile, optimized, min_time, repeats, warmup,
                dev, kwargs, limits, prepare, log) -> list[dict]:
-    ours_kw = {**timm_compat_kwargs(name), **kwargs[0]} if peer == "timm" else kwargs[0]
+    ours_kw = {**timm_compat_kwargs(name, peer), **kwargs[0]} if peer else kwargs[0]
     ours = _build_ours(name, img_size, ours_kw, dev)
     size = _image_size(ours, img_size)
     in_chans = getattr(ours, "in_chans", 3)
@@ -396,14 +441,17 @@ def _bench_one(name, peer, batch_size, img_size, precision, modes, compile, opti
     impls = {"formers": ours}
     gen = torch.Generator(device="cpu").manual_seed(0)
     if peer:
-        other = _build_timm(name, size, num_classes, kwargs[1], dev)
+        if peer == "timm":
+            other = _build_timm(name, size, num_classes, kwargs[1], dev)
+        else:
+            other = _build_hf(name, num_classes, kwargs[1], dev)
         load_peer_weights(ours, other)
         if prepare is not None:
             prepare(ours, other)
         check = torch.randn(min(batch_size, 2), in_chans, size, size, generator=gen).to(dev)
         err = check_outputs(ours, other, check, precision, name)
-        log(f"{name} @ {size}px: outputs equal to timm's (max |diff| {err:.2e}, {precision})")
-        impls["timm"] = other
+        log(f"{name} @ {size}px: outputs equal to {peer}'s (max |diff| {err:.2e}, {precision})")
+        impls[peer] = other
     x = torch.randn(batch_size, in_chans, size, size, generator=gen).to(dev)
     macs = {k: formers.count_flops(m, (in_chans, size, size)) for k, m in impls.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in impls.items()}
@@ -438,7 +486,7 @@ def _bench_one(name, peer, batch_size, img_size, precision, modes, compile, opti
             if limit:
                 row[f"{m}_frac_of_peak"] = _sig(2 * gmacs * med / limit, 3)
         if peer:
-            rows["formers"][f"{m}_ratio"] = _sig(rates["formers"] / rates["timm"])
+            rows["formers"][f"{m}_ratio"] = _sig(rates["formers"] / rates[peer])
         del steps, timing
     return list(rows.values())
 

@@ -25,7 +25,7 @@ alone with `mosaic_image`, which also returns what was pasted where):
 - The train split draws items from Fashion-MNIST's 60,000 training images and the test split
   from its 10,000 test images, so test objects are unseen.
 
-Two domains, for unsupervised domain adaptation (DAFormer: train on labelled "source", adapt to
+Domains, for unsupervised domain adaptation (DAFormer: train on labelled "source", adapt to
 unlabelled "target"):
 
   source  bright, high-contrast palette; stripes along the axes and diagonals (2-4 px wide);
@@ -36,6 +36,8 @@ unlabelled "target"):
           sigma 1 in exact integers); item classes long-tailed: frequencies ~ 0.7^rank over
           TARGET_CLASS_ORDER (the commonest class about 25x the rarest), so rare-class sampling and
           thing-class feature distance matter.
+  night   the target's palette, blur and long tail on the source's textures: a photometric shift
+          only (like day -> night), the milder adaptation problem (`mosaic-uda-night`).
 
 Everything is integer arithmetic on a numpy `default_rng([seed, domain, split, index])` stream,
 so the same seed gives byte-identical arrays on any machine (with the same numpy). Built splits
@@ -85,6 +87,9 @@ _DOMAINS = {
                    gain=(6, 8, 10), tint=(110, 256), blur=True,
                    weights=tuple(_TARGET_WEIGHTS[TARGET_CLASS_ORDER.index(c)] for c in range(10))),
 }
+# "night": the target's palette, blur and long tail on the source's textures (a photometric shift only)
+_DOMAINS["night"] = dict(_DOMAINS["source"], code=2, **{k: _DOMAINS["target"][k] for k in
+                                                       ("hi", "lo", "gain", "tint", "blur", "weights")})
 _SPLITS = {"train": 0, "test": 1}
 
 
@@ -203,7 +208,7 @@ def _pools(path: str):
 
 def _check(split: str, domain: str, seed: int, size: int):
     if domain not in _DOMAINS:
-        raise ValueError(f"mosaic domain {domain!r}: choose 'source' or 'target'")
+        raise ValueError(f"mosaic domain {domain!r}: choose one of {', '.join(_DOMAINS)}")
     if split not in _SPLITS:
         raise ValueError(f"mosaic split {split!r}: choose 'train' or 'test'")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -320,7 +325,7 @@ def load_mosaic(split_sizes: tuple[int, int] = (2000, 500), size: int = 64, doma
         _write_cache(file, key, arrays)
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     return SegData(
-        "mosaic" if domain == "source" else "mosaic-target", t["x_train"], t["y_train"], t["x_test"], t["y_test"],
+        "mosaic" if domain == "source" else f"mosaic-{domain}", t["x_train"], t["y_train"], t["x_test"], t["y_test"],
         list(CLASSES), ignore_index=IGNORE, source=f"generated from Fashion-MNIST in {fm_dir} (seed {seed})",
         thing_ids=list(THING_IDS), instance_train=t["instance_train"], instance_test=t["instance_test"],
         substitute=True, description=f"{DESCRIPTION}, {domain} domain",

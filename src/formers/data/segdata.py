@@ -56,6 +56,10 @@ class SegData:
     held_out: bool = False                 # the test split is a fixed 20% of one pool
     notes: list[str] = field(default_factory=list)
     hflip: bool = True                     # a left-right flip keeps the labels right (street scenes, mosaics)
+    # domain adaptation: unlabelled images of the target domain to adapt to (the test split is then that
+    # domain's); their labels are kept only for diagnostics and are never trained on
+    x_target: torch.Tensor | None = None
+    y_target: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -94,7 +98,9 @@ class SegData:
             return torch.nn.functional.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].to(y.dtype)
         return replace(self, x_train=resize_images(self.x_train, size), x_test=resize_images(self.x_test, size),
                        y_train=nearest(self.y_train), y_test=nearest(self.y_test),
-                       instance_train=nearest(self.instance_train), instance_test=nearest(self.instance_test))
+                       instance_train=nearest(self.instance_train), instance_test=nearest(self.instance_test),
+                       x_target=None if self.x_target is None else resize_images(self.x_target, size),
+                       y_target=nearest(self.y_target))
 
     def limited(self, train: int | None = None, test: int | None = None) -> "SegData":
         """The first `train` / `test` images of each split (the mosaic's images are independent draws)."""
@@ -102,6 +108,9 @@ class SegData:
         if train is not None and train < len(self.x_train):
             out = replace(out, x_train=out.x_train[:train], y_train=out.y_train[:train],
                           instance_train=None if out.instance_train is None else out.instance_train[:train])
+            if out.x_target is not None:
+                out = replace(out, x_target=out.x_target[:train],
+                              y_target=None if out.y_target is None else out.y_target[:train])
         if test is not None and test < len(self.x_test):
             out = replace(out, x_test=out.x_test[:test], y_test=out.y_test[:test],
                           instance_test=None if out.instance_test is None else out.instance_test[:test])
@@ -111,7 +120,8 @@ class SegData:
         h, w = self.size
         what = f" ({self.description})" if self.description else ""
         px = f"{h}px" if h == w else f"{h}x{w}px"
-        return (f"{self.name}{what}, {len(self.x_train)} train / {len(self.x_test)} test, {px}, "
+        target = f" + {len(self.x_target)} unlabelled target" if self.x_target is not None else ""
+        return (f"{self.name}{what}, {len(self.x_train)} train{target} / {len(self.x_test)} test, {px}, "
                 f"{self.num_classes} classes")
 
 

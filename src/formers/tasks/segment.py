@@ -7,7 +7,9 @@ The model maps (B, C, H, W) images to (B, K, h, w) class scores at any stride (S
 1/4); the objective and the metrics upsample them bilinearly to the label size, as mmseg and HF do.
 
 - data: `mosaic` (the default: generated Fashion-MNIST items on textured stuff, exact labels; a
-  substitute for a real benchmark), `mosaic-target` (its second domain, for adaptation) and
+  substitute for a real benchmark), `mosaic-target` (its second domain), `mosaic-uda` (labelled
+  source + unlabelled target images, tested on the target: domain adaptation, `--objective dacs`),
+  `mosaic-uda-night` (the same with the milder "night" domain: palette and blur only) and
   `seg-folder` (the user's own images + label PNGs, ADE20K/Cityscapes layout, 255 = ignore);
 - batch: images normalised with the training split's channel statistics, and the label maps, under
   one random crop (zero-padded images, ignore-padded labels) and flip;
@@ -84,16 +86,25 @@ class SegTransform:
 
 class SegmentCrossEntropy(Objective):
     """Pixel-wise cross-entropy on the scores upsampled to the label size; ignore-index pixels skipped.
-    Returns the upsampled scores, for the step's pixel accuracy."""
+    Returns the upsampled scores, for the step's pixel accuracy.
+
+    A model that returns several score maps in training (a main head and auxiliary heads, mmseg's
+    `auxiliary_head`) gets the weighted sum of their losses, with the weights of its `loss_weights`
+    attribute (mmseg's `loss_weight`, e.g. (1.0, 0.4)); without one, their mean. The first map is the
+    prediction."""
     name = "ce"
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = 255):
         super().__init__(label_smoothing)
         self.ignore_index = ignore_index
 
-    def loss(self, logits, y):
+    def loss(self, logits, y, weights=None):
         if isinstance(logits, (tuple, list)):
-            return sum(self.loss(one, y) for one in logits) / len(logits)
+            if weights is None:
+                weights = (1.0 / len(logits),) * len(logits)
+            if len(weights) != len(logits):
+                raise ValueError(f"the model returned {len(logits)} score maps but has {len(weights)} loss_weights")
+            return sum(w * self.loss(one, y) for w, one in zip(weights, logits))
         logits = upsample(logits, y.shape[-2:]).float()
         if not (y != self.ignore_index).any():          # nothing labelled: no signal, not a NaN
             return logits.sum() * 0.0
@@ -102,7 +113,8 @@ class SegmentCrossEntropy(Objective):
     def __call__(self, model, x, y, step: int):
         out = model(x)
         first = out[0] if isinstance(out, (tuple, list)) else out
-        return self.loss(out, y), upsample(first, y.shape[-2:])
+        weights = getattr(getattr(model, "module", model), "loss_weights", None)  # DDP wraps the model
+        return self.loss(out, y, weights), upsample(first, y.shape[-2:])
 
 
 # ---------------------------------------------------------------- inference
@@ -213,6 +225,23 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, tf: SegTransform, num_clas
     return res
 
 
+def mosaic_uda(splits, size: int, path: str | None = None, target: str = "target"):
+    """Domain adaptation on the mosaic: labelled source train images, unlabelled `target`-domain train
+    images (`x_target`), and that domain's test split to measure on (`mosaic-uda`: the "target" domain,
+    new palette, textures and blur; `mosaic-uda-night`: the "night" domain, palette and blur only). Any
+    objective trains on it; `ce` is the source-only baseline, `dacs` DAFormer's self-training."""
+    import dataclasses
+
+    from formers.data import load_mosaic
+    src = load_mosaic(splits, size=size, domain="source", path=path)
+    tgt = load_mosaic(splits, size=size, domain=target, path=path)
+    return dataclasses.replace(
+        src, name="mosaic-uda" if target == "target" else f"mosaic-uda-{target}", x_test=tgt.x_test,
+        y_test=tgt.y_test, instance_test=tgt.instance_test, x_target=tgt.x_train, y_target=tgt.y_train,
+        description=f"generated substitute: Fashion-MNIST mosaic, source domain -> {target} domain",
+        notes=src.notes + tgt.notes + ["test split: the target domain's"])
+
+
 # ---------------------------------------------------------------- the task
 
 class SegmentTask(Task):
@@ -221,13 +250,16 @@ class SegmentTask(Task):
     headline_label = "mIoU"
     headline_field = "miou"
     default_dataset = "mosaic"
-    datasets = ("mosaic", "mosaic-target", "seg-folder")
+    datasets = ("mosaic", "mosaic-target", "mosaic-uda", "mosaic-uda-night", "seg-folder")
 
     def load_data(self, cfg, img_size=None):
         from formers.data import load_mosaic, load_seg_folder
         size = img_size if img_size is not None else cfg.img_size
-        if cfg.dataset in ("mosaic", "mosaic-target"):
+        if cfg.dataset.startswith("mosaic"):
             splits = (cfg.limit_train or MOSAIC_SPLITS[0], cfg.limit_test or MOSAIC_SPLITS[1])
+            if cfg.dataset.startswith("mosaic-uda"):
+                target = "night" if cfg.dataset == "mosaic-uda-night" else "target"
+                return mosaic_uda(splits, size or MOSAIC_SIZE, cfg.data, target)
             return load_mosaic(splits, size=size or MOSAIC_SIZE,
                                domain="source" if cfg.dataset == "mosaic" else "target", path=cfg.data)
         if not cfg.data:

@@ -19,6 +19,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def _build(name: str, **kwargs):
+    """The model on the meta device, for structural checks: weights files are not read there (the real
+    build loads them)."""
+    kwargs.pop("checkpoint", None)
     try:
         return formers.create_model(name, **kwargs)
     except ValueError:
@@ -128,6 +131,9 @@ def read_weights_metadata(path: str) -> dict:
             meta[k] = json.loads(v)
         except (json.JSONDecodeError, TypeError):
             meta[k] = v
+    if isinstance(meta.get("model_kwargs"), dict) and "checkpoint" in meta["model_kwargs"]:
+        # the run's initial weights (e.g. a pretrained encoder): this file's own weights replace them
+        meta["init_checkpoint"] = meta["model_kwargs"].pop("checkpoint")
     return meta
 
 

@@ -28,6 +28,7 @@ _PROVIDERS = {
     "matformer": "formers.transforms.matformer",
     "sparse": "formers.transforms.sparse",
     "lowrank": "formers.transforms.lowrank",
+    "dacs": "formers.models.dense.daformer",
 }
 
 
@@ -49,6 +50,27 @@ class Objective:
         the optimizer is made); return the model to train. Must be deterministic, so that a
         resumed run rebuilds the same structure."""
         return model
+
+    def attach(self, data, transform, seed: int, accum: int = 1, rank: int = 0):
+        """Called once the data set and the training transform are ready (an objective that draws its own
+        images, such as DACS's target images, keeps them); `accum` micro-batches make one step."""
+
+    def sampler(self, data, batch_size: int, seed: int):
+        """The sampler of training batches (EpochSampler's interface), or None for the trainer's own."""
+        return None
+
+    def state_tensors(self) -> dict:
+        """Tensors that a checkpoint must keep for a resumed run to continue bit for bit (a teacher's
+        weights); `load_state_tensors(tensors, step)` gets them back when the run resumes at `step`."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict, step: int):
+        if tensors:
+            raise ValueError(f"the checkpoint holds state of another objective than {self.name!r}")
+
+    def step_fields(self) -> dict:
+        """Numbers of the last micro-batch to add to the metrics.jsonl step row (a loss's parts)."""
+        return {}
 
     def loss(self, logits, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy; a model whose training forward returns several logits (UniFormer-light's

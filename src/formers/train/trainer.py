@@ -328,10 +328,18 @@ class _Run:
                              f"= {ctx.world_size} x {cfg.accum} = {per_step}")
         self.micro = cfg.batch_size // per_step
         self._check_memory(ctx.device)
-        self.sampler = EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed)
+        self.objective = self.task.build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)
+        # the optional hooks of objectives.Objective (a duck-typed objective may lack them)
+        attach = getattr(self.objective, "attach", None)
+        if attach is not None:
+            attach(self.data, self.train_tf, cfg.seed, accum=cfg.accum, rank=ctx.rank)
+        own = getattr(self.objective, "sampler", None)
+        self.sampler = ((own(self.data, cfg.batch_size, cfg.seed) if own is not None else None)
+                        or EpochSampler(len(self.data.y_train), cfg.batch_size, cfg.seed))
+        self.objective_state = getattr(self.objective, "state_tensors", dict)
+        self.objective_fields = getattr(self.objective, "step_fields", dict)
         self.steps_per_epoch = len(self.sampler)
         _seed_all(cfg.seed)
-        self.objective = self.task.build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing)
         model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
                                      img_size=self.img_size, **cfg.model_kwargs)
         self.model = self.objective.prepare(model).to(ctx.device)
@@ -377,6 +385,9 @@ class _Run:
         load_optimizer(self.optimizer, tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.progress.update(meta["progress"])
+        saved = {k[len("objective/"):]: v for k, v in tensors.items() if k.startswith("objective/")}
+        if saved or hasattr(self.objective, "load_state_tensors"):
+            self.objective.load_state_tensors(saved, self.progress["step"])
         self.progress.setdefault("ep_counted", self.progress["ep_seen"])   # older checkpoints counted images
         if meta["progress"]["epoch"] < cfg.epochs and self.scheduler.total != meta["scheduler"]["total"]:
             _log(ctx, f"note: --epochs changed to {cfg.epochs}; the learning-rate schedule is stretched to match")
@@ -399,6 +410,7 @@ class _Run:
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        tensors.update({f"objective/{k}": v for k, v in self.objective_state().items()})
         opt_t, opt_meta = optimizer_tensors(self.optimizer)
         tensors.update(opt_t)
         rng_meta = {}
@@ -546,7 +558,8 @@ class _Run:
             pr["train_images"] += B
             if ctx.is_main:
                 row = {"kind": "step", "step": pr["step"], "epoch": epoch + (pos + 1) / self.steps_per_epoch,
-                       "loss": step_loss, "acc": 100.0 * int(correct) / max(counted, 1), "lr": lr}
+                       "loss": step_loss, "acc": 100.0 * int(correct) / max(counted, 1), "lr": lr,
+                       **self.objective_fields()}
                 self.metrics.write(row)
                 self.rows.append(row)
                 bar.update(loss=f"{pr['ep_loss'] / pr['ep_seen']:.4f}",

@@ -214,7 +214,14 @@ class MixTransformer(nn.Module):
 class SegFormerHead(nn.Module):
     """The All-MLP decoder: per level Linear(C_i -> E), bilinear upsampling (align_corners=False) to the
     first level's size, concatenation in the order c4, c3, c2, c1, 1x1 conv (4E -> E, no bias) + BatchNorm
-    + ReLU, Dropout2d, 1x1 conv (E -> num_classes; none for num_classes 0)."""
+    + ReLU, Dropout2d, 1x1 conv (E -> num_classes; none for num_classes 0).
+
+    Computed in another order with the same parameters: the fuse conv's block for level i times that
+    level's Linear is one (E, C_i) map, applied at the level's own resolution before upsampling, and the
+    upsampled maps are summed instead of concatenated. Upsampling is linear with weights that sum to one
+    at every pixel, so this is the same function (up to float rounding) and the same gradients; it skips
+    the 4E-channel concatenation at stride 4 and the 4E -> E conv over it (half of B0's FLOPs at 512 px).
+    """
 
     def __init__(self, in_channels, embed_dim: int = 256, num_classes: int = 150, dropout: float = 0.1):
         super().__init__()
@@ -233,13 +240,18 @@ class SegFormerHead(nn.Module):
 
     def forward(self, feats):
         size = feats[0].shape[2:]
-        levels = []
-        for i in range(len(feats) - 1, -1, -1):
-            y = self.linear_c[i](feats[i].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        e, n = self.embed_dim, len(feats)
+        fuse = self.fuse.weight.view(e, n * e)
+        x = None
+        for j, i in enumerate(range(n - 1, -1, -1)):      # the concatenation's order: c4, c3, c2, c1
+            block = fuse[:, j * e:(j + 1) * e]
+            lin = self.linear_c[i]
+            w, b = block @ lin.weight, block @ lin.bias
+            y = F.conv2d(feats[i], w[:, :, None, None].to(feats[i].dtype), b.to(feats[i].dtype))
             if i > 0:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            levels.append(y)
-        x = self.act(self.bn(self.fuse(torch.cat(levels, dim=1))))
+            x = y if x is None else x + y
+        x = self.act(self.bn(x))
         return self.classifier(self.dropout(x))
 
 
@@ -263,8 +275,14 @@ class SegFormer(nn.Module):
         self.min_input_size = self.encoder.min_input_size
         self.feature_info = [dict(d, module=f"encoder.{d['module']}") for d in self.encoder.feature_info]
         self.num_features = decoder_dim
-        self.head = SegFormerHead(embed_dims, decoder_dim, num_classes, head_dropout)
-        nn.init.kaiming_normal_(self.head.fuse.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule's
+        self.head = self.make_head(tuple(embed_dims), decoder_dim, num_classes, head_dropout)
+
+    def make_head(self, in_channels, decoder_dim: int, num_classes: int, dropout: float) -> nn.Module:
+        """The decode head over the encoder's four maps (a model built on this encoder overrides it); it
+        has `classifier`, `num_classes` and `make_classifier(num_classes)`."""
+        head = SegFormerHead(in_channels, decoder_dim, num_classes, dropout)
+        nn.init.kaiming_normal_(head.fuse.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule's
+        return head
 
     def check_input(self, x):
         return check_image_input(self, x, min_size=self.min_input_size)
@@ -275,7 +293,7 @@ class SegFormer(nn.Module):
     def reset_classifier(self, num_classes: int):
         """A fresh final 1x1 conv for `num_classes` (0: none; forward returns the fused E-channel map),
         on the model's device and dtype."""
-        ref = self.head.fuse.weight
+        ref = next(self.head.parameters())
         with torch.device(ref.device):
             classifier = self.head.make_classifier(num_classes)
         self.head.classifier = classifier.to(dtype=ref.dtype).train(self.training)
@@ -380,6 +398,24 @@ def _rename(k: str, rules, full: bool = False):
     return k if matched else None
 
 
+def map_official_keys(sd: dict, head_rules=()) -> tuple[dict, list]:
+    """Official (NVlabs / mmseg) keys -> ours: the encoder's, and the decode head's by `head_rules` first
+    (a model with another head, e.g. DAFormer), else SegFormer's. Returns (mapped, unmapped keys)."""
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        k = k[len("backbone."):] if k.startswith("backbone.") else k
+        new = _rename(k, head_rules) if head_rules else None
+        if new is None:
+            if any(re.match(p, k) for p in _OFFICIAL_DROPPED):
+                continue
+            new = _rename(k, _OFFICIAL)
+        if new is None:
+            unmapped.append(k)
+        else:
+            out[new] = v
+    return out, unmapped
+
+
 def checkpoint_filter_fn(state_dict: dict, model: SegFormer) -> dict:
     """Map a SegFormer / MiT checkpoint to our key names.
 
@@ -400,15 +436,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SegFormer) -> dict:
         return sd
     out, unmapped = {}, []
     if layout == "official":
-        for k, v in sd.items():
-            k = k[len("backbone."):] if k.startswith("backbone.") else k
-            if any(re.match(p, k) for p in _OFFICIAL_DROPPED):
-                continue
-            new = _rename(k, _OFFICIAL)
-            if new is None:
-                unmapped.append(k)
-            else:
-                out[new] = v
+        out, unmapped = map_official_keys(sd)
     else:
         kv = {}
         for k, v in sd.items():
@@ -443,13 +471,15 @@ def checkpoint_filter_fn(state_dict: dict, model: SegFormer) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Variants: MiT-B0..B5 (official mit_b0..mit_b5) with the ADE20K decoder (150 classes, 512x512; B5 640x640).
 # params_m: the paper's table (encoder + head); macs_g: the GFLOPs the paper prints (512x512; B5 640x640),
-# which are multiply-accumulates: formers.count_flops gives 8.39 (B0), 62.34 (B2), 183.14 (B5 at 640).
+# which are multiply-accumulates: counted in the paper's order of operations they are 8.39 (B0), 62.34 (B2),
+# 183.14 (B5 at 640); formers.count_flops of our head's order gives 4.13, 24.29 and 123.35.
 
 _CFG = dict(first_conv="encoder.stages.0.patch_embed.proj", classifier="head.classifier", crop_pct=1.0,
             interpolation="bilinear", num_classes=150)
 _NOTES = ("paper ADE20K mIoU {miou} (single scale, {size}); mmseg re-implementation: ADE20K {mmseg_ade} ss, "
           "Cityscapes 1024x1024 {mmseg_city} ss. params include the 150-class head; encoder alone {enc:,}. "
-          "FLOPs are the paper's at {size} (our count: {ours} G)")
+          "FLOPs are the paper's at {size} (our count of the paper's order of operations: {ours} G; "
+          "SegFormerHead computes the same function with fewer, see its docstring)")
 
 
 def _card(k: int, params: str, macs: float, miou: float, mmseg_ade: str, mmseg_city: float, enc: int,
@@ -466,6 +496,24 @@ _WIDE = dict(embed_dims=(64, 128, 320, 512))
 
 def _segformer(kwargs, **config) -> SegFormer:
     return SegFormer(**{**config, **kwargs})
+
+
+_DEPTHS = {0: (2, 2, 2, 2), 1: (2, 2, 2, 2), 2: (3, 4, 6, 3), 3: (3, 4, 18, 3), 4: (3, 8, 27, 3), 5: (3, 6, 40, 3)}
+# HF's SegFormer uses torch's LayerNorm eps (1e-5) everywhere: with it ours computes HF's function
+HF_COMPAT_KWARGS = {f"segformer_b{k}": {"norm_eps": 1e-5} for k in _DEPTHS}
+
+
+def hf_peer(name: str, num_classes: int, **kwargs):
+    """HF transformers' SegformerForSemanticSegmentation of variant `name` (for `formers bench --peer hf`),
+    randomly initialised; its weights load into ours through checkpoint_filter_fn."""
+    import transformers
+    k = int(name.rsplit("b", 1)[1])
+    dims = _SMALL["embed_dims"] if k == 0 else _WIDE["embed_dims"]
+    config = transformers.SegformerConfig(num_labels=num_classes, hidden_sizes=list(dims), depths=list(_DEPTHS[k]),
+                                          num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1],
+                                          mlp_ratios=[4, 4, 4, 4], decoder_hidden_size=256 if k < 2 else 768,
+                                          **kwargs)
+    return transformers.SegformerForSemanticSegmentation(config)
 
 
 @register_model(_card(0, "3.8", 8.4, 37.4, "37.41", 76.54, 3_319_392, "8.39"), **_CFG)
