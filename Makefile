@@ -27,7 +27,8 @@ test: $(STAMP)
 
 # ONNX export of every family checked against eager at two sizes (about 10 minutes on 2 cores)
 test-export: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m slow tests/test_onnx_families.py tests/test_trace_windows.py $(TEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m slow tests/test_onnx_families.py tests/test_trace_windows.py \
+		tests/test_trace_sparse.py tests/test_trace_tokens.py $(TEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/formers bench swin_tiny_patch4_window7_224 poolformer_s12 convformer_s18 caformer_s18 \

@@ -1,7 +1,8 @@
 """Whole-model transforms on the RMT, BiFormer, FaViT and SparseFormer families (project issue 13, items
 5, 6, 12, 19): a plain torch.fx symbolic trace equals the model (forward and backward), TorchScript compiles
 the model (or it says why not), torch.export with a dynamic height and width equals eager at a second size,
-ONNX graphs are right at two sizes, and a batch of zero images gives empty outputs.
+ONNX graphs are right at two sizes (slow-marked: `make test-export`), and a batch of zero images gives
+empty outputs.
 
 Each family's smallest paper variant, at small inputs; the export and ONNX tests build it with one block
 per stage (unit, for SparseFormer), which runs every code path of the full model in a fraction of the time.
@@ -135,6 +136,7 @@ def test_zero_batch(name, size, size2):
                 assert e.shape == (0, *o.shape[1:])
 
 
+@pytest.mark.slow  # 7-27 s a family: make test-export
 @pytest.mark.parametrize("name", IDS)
 def test_onnx_right_at_two_sizes(name):
     """The dynamo exporter's graph of the exported program (dynamic batch, height and width), run by

@@ -144,6 +144,7 @@ def test_attention_onnx_permutations_non_negative():
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # about 30 s: make test-export
 def test_crossvit_onnx_right_at_two_sizes_or_refused():
     """The TorchScript-based exporter would bake the large-patch branch's resize in: it is refused. The
     dynamo exporter carries it as a formula of the input size: right at a second size."""
