@@ -139,6 +139,16 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def init_conv_fan_out(m: nn.Module):
+    """The He-normal convolution init of the official PVT v2 / SegFormer code: normal(0, sqrt(2 / fan_out)),
+    fan_out per group, zero bias."""
+    if isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def init_trunc_normal(m: nn.Module):
     """The ViT/Swin init: truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):

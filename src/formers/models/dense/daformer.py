@@ -53,6 +53,7 @@ from formers.registry import ModelCard, register_model
 from formers.train.objectives import Objective, register_objective
 
 from .segformer import SegFormer, map_official_keys
+from .upernet import seg_classifier
 
 __all__ = ["DAFormerHead", "DAFormer", "DACS", "RareClassSampler", "rcs_class_probs", "ema_alpha",
            "downscale_label_ratio", "mmseg_cross_entropy", "checkpoint_filter_fn"]
@@ -83,12 +84,7 @@ class DAFormerHead(nn.Module):
         self.classifier = self.make_classifier(num_classes)
 
     def make_classifier(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        conv = nn.Conv2d(self.channels, num_classes, 1)
-        nn.init.normal_(conv.weight, std=0.01)   # mmseg's BaseDecodeHead.conv_seg
-        nn.init.zeros_(conv.bias)
-        return conv
+        return seg_classifier(self.channels, num_classes)   # mmseg's BaseDecodeHead.conv_seg
 
     def forward(self, feats):
         size = feats[0].shape[2:]

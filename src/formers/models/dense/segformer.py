@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from formers.checkpoint import does_not_fit, release_state_dict
 from formers.layers import DropPath, Linear, check_image_input, drop_path_rates, sdpa
 from formers.layers.mlp import DWConvMlp
+from formers.models.base import init_conv_fan_out, init_trunc_normal
 from formers.registry import ModelCard, register_model
 
 __all__ = ["MixTransformer", "SegFormerHead", "SegFormer", "EfficientSelfAttention", "checkpoint_filter_fn"]
@@ -36,18 +37,8 @@ __all__ = ["MixTransformer", "SegFormerHead", "SegFormer", "EfficientSelfAttenti
 def _init_mit(m: nn.Module):
     """The official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms,
     normal(0, sqrt(2 / fan_out)) convolutions (fan_out per group)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    init_trunc_normal(m)
+    init_conv_fan_out(m)
 
 
 class OverlapPatchEmbed(nn.Module):

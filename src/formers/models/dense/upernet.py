@@ -37,7 +37,7 @@ from formers.layers import ConvBnReLU, LayerNorm2d, check_image_input
 from formers.models.dense.segformer import SegFormerHead
 from formers.registry import ModelCard, register_model
 
-__all__ = ["UperNetHead", "FCNAuxHead", "reset_head_classifiers", "ColumnarNeck", "UperNet", "SegFormerHeadModel", "checkpoint_filter_fn"]
+__all__ = ["UperNetHead", "FCNAuxHead", "seg_classifier", "reset_head_classifiers", "ColumnarNeck", "UperNet", "SegFormerHeadModel", "checkpoint_filter_fn"]
 
 
 def reset_head_classifiers(heads, num_classes: int, training: bool):
@@ -55,7 +55,7 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _seg_classifier(channels: int, num_classes: int) -> nn.Module:
+def seg_classifier(channels: int, num_classes: int) -> nn.Module:
     """The final 1x1 conv (mmseg's `conv_seg`: normal(0, 0.01) weights, zero bias); none for 0 classes."""
     if num_classes <= 0:
         return nn.Identity()
@@ -87,7 +87,7 @@ class UperNetHead(nn.Module):
         self.classifier = self.make_classifier(num_classes)
 
     def make_classifier(self, num_classes: int) -> nn.Module:
-        return _seg_classifier(self.channels, num_classes)
+        return seg_classifier(self.channels, num_classes)
 
     def pyramid_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The PPM on the coarsest map, fused with it by the 3x3 bottleneck."""
@@ -133,7 +133,7 @@ class FCNAuxHead(nn.Module):
         self.classifier = self.make_classifier(num_classes)
 
     def make_classifier(self, num_classes: int) -> nn.Module:
-        return _seg_classifier(self.channels, num_classes)
+        return seg_classifier(self.channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.convs(x)))
