@@ -166,3 +166,17 @@ def test_an_unexpected_failure_is_one_line_exit_1(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_list", boom)
     line = _one_line(["list"], capsys, rc_expected=1)
     assert line.startswith("formers list: error: KeyError") and "FORMERS_DEBUG=1" in line, line
+
+
+def test_every_command_prints_its_help(capsys):
+    """`formers CMD --help` formats every option's help (a bare % in one once broke `train --help`)."""
+    from formers.cli import build_parser
+    parser = build_parser()
+    commands = [a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0]))][0].choices
+    assert {"train", "eval", "bench", "lra", "list", "info"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: formers {name}"), (name, out[:80])

@@ -313,3 +313,17 @@ def test_peer_hf_segformer_same_weights_and_segmentation_train_step():
     assert ours["param_count"] == peer["param_count"]
     with pytest.raises(BenchError, match="no HF transformers counterpart"):
         benchmark("swin_demo", peer="hf", img_size=32, batch_size=1, **FAST)
+
+
+def test_the_ablation_file_keeps_one_result_per_row_and_seed(tmp_path):
+    """Two processes (other seeds, or a rerun) writing into one ablation folder keep each other's results."""
+    from formers.bench.daformer_ablation import _merge, _table
+    path = str(tmp_path / "ablation.json")
+    run = lambda seed, best: {"seed": seed, "best": best, "last": best - 1}        # noqa: E731
+    _merge(path, {}, {"DACS": [run(0, 10.0)], "source only": [run(0, 7.0)]})
+    merged = _merge(path, {}, {"DACS": [run(1, 12.0), run(2, 14.0)]})
+    merged = _merge(path, {}, {"DACS": [run(2, 11.0)]})                                # a rerun replaces seed 2
+    assert [r["seed"] for r in merged["DACS"]] == [0, 1, 2] and merged["DACS"][2]["best"] == 11.0
+    assert merged["source only"] == [run(0, 7.0)]
+    table = _table(merged)
+    assert "| DACS | 11.00 ± 1.00 | 10.00 | 10.00, 12.00, 11.00 |" in table and "seeds 0, 1, 2" in table

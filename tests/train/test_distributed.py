@@ -35,3 +35,23 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     a, b = load_file(out / "final.safetensors"), load_file(single / "final.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-3, msg=k)
+
+
+def test_two_process_dacs_segmentation_keeps_ranks_identical(tmp_path):
+    """A BatchNorm segmentation model under DAFormer's self-training: the ranks' running statistics are
+    averaged at each epoch's end (timm's --dist-bn reduce), so both evaluate and end with one model."""
+    import sys
+    out = tmp_path / "dacs"
+    args = ["train", "daformer_mitb0", "--dataset", "mosaic-uda-night", "--objective", "dacs", "--limit-train", "48",
+            "--limit-test", "16", "--epochs", "2", "--batch-size", "8", "--save-every", "0", "--no-progress",
+            "--model-kwargs", '{"decoder_dim": 32}', "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "formers.cli"]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "different weights" not in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["task"] == "segment"
+    assert len(summary["param_digests"]) == 2 and summary["param_digests"][0] == summary["param_digests"][1]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "step"]
+    assert len(steps) == 12 and all({"src_loss", "mix_loss", "pseudo_weight"} <= set(s) for s in steps)

@@ -90,7 +90,7 @@ def pretrain_encoder(path: str, images: int = 20000, epochs: int = 1, seed: int 
     return {"fashion_mnist_acc": acc, "seconds": time.perf_counter() - t0}
 
 
-def _table(results: dict, seeds) -> str:
+def _table(results: dict) -> str:
     lines = ["| training | target mIoU, best epoch | target mIoU, last epoch | per seed (best) |",
              "|---|---|---|---|"]
     for name, runs in results.items():
@@ -99,16 +99,21 @@ def _table(results: dict, seeds) -> str:
         spread = f" ± {statistics.stdev(best):.2f}" if len(best) > 1 else ""
         lines.append(f"| {name} | {statistics.mean(best):.2f}{spread} | {statistics.mean(last):.2f} | "
                      + ", ".join(f"{b:.2f}" for b in best) + " |")
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
     return "\n".join(lines) + f"\n\nseeds {', '.join(str(s) for s in seeds)}\n"
 
 
 def _merge(path: str, settings: dict, results: dict) -> dict:
-    """Add these rows to the file's (several processes may run different rows into one folder)."""
-    old = {}
+    """Add these runs to the file's, one per (row, seed): several processes may run different rows or
+    seeds into one folder, and a rerun of a (row, seed) replaces its result."""
+    merged = {}
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f).get("results", {})
-    merged = {**old, **results}
+            merged = json.load(f).get("results", {})
+    for name, runs in results.items():
+        by_seed = {r["seed"]: r for r in merged.get(name, [])}
+        by_seed.update({r["seed"]: r for r in runs})
+        merged[name] = [by_seed[k] for k in sorted(by_seed)]
     settings = {k: v for k, v in settings.items() if k != "runs"}
     with open(path + ".tmp", "w") as f:
         json.dump({"settings": settings, "results": merged}, f, indent=1)
@@ -149,7 +154,7 @@ def main(argv=None) -> dict:
             results[name].append({"seed": seed, "best": s["best_test_miou"], "last": s["final_test_miou"],
                                   "best_epoch": s["best_epoch"], "seconds": s["wall_time_s"], "out": out})
             results = _merge(os.path.join(args.out, "ablation.json"), vars(args), results)
-    table = _table({k: results[k] for k in RUNS if k in results}, args.seeds)
+    table = _table({k: results[k] for k in RUNS if k in results})
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(table)
     print(table)

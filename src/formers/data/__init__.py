@@ -8,7 +8,7 @@ from .augment import AUGMENTS, BatchTransform, channel_stats
 from .datasets import DATASETS, FASHION_MNIST_DIR, ImageData, load_dataset, resize_images
 from .sampler import EpochSampler, shard_slice, step_generator
 
-_LAZY = {"SegData": ".segdata", "load_seg_folder": ".segdata", "load_mosaic": ".mosaic"}   # they need numpy
+_LAZY = {"SegData": ".segdata", "load_seg_folder": ".segdata", "load_mosaic": ".mosaic", "load_horse": ".horse"}   # they need numpy
 
 
 def __getattr__(name):
@@ -19,4 +19,4 @@ def __getattr__(name):
 
 __all__ = ["DATASETS", "FASHION_MNIST_DIR", "ImageData", "load_dataset", "resize_images",
            "AUGMENTS", "BatchTransform", "channel_stats", "EpochSampler", "shard_slice", "step_generator",
-           "SegData", "load_seg_folder", "load_mosaic"]
+           "SegData", "load_seg_folder", "load_mosaic", "load_horse"]

@@ -9,8 +9,9 @@ The model maps (B, C, H, W) images to (B, K, h, w) class scores at any stride (S
 - data: `mosaic` (the default: generated Fashion-MNIST items on textured stuff, exact labels; a
   substitute for a real benchmark), `mosaic-target` (its second domain), `mosaic-uda` (labelled
   source + unlabelled target images, tested on the target: domain adaptation, `--objective dacs`),
-  `mosaic-uda-night` (the same with the milder "night" domain: palette and blur only) and
-  `seg-folder` (the user's own images + label PNGs, ADE20K/Cityscapes layout, 255 = ignore);
+  `mosaic-uda-night` (the same with the milder "night" domain: palette and blur only), `horse`
+  (scikit-image's real horse mask composited on its real photographs, unseen ones in the test
+  split: a small qualitative check on real images) and `seg-folder` (the user's own images + label PNGs, ADE20K/Cityscapes layout, 255 = ignore);
 - batch: images normalised with the training split's channel statistics, and the label maps, under
   one random crop (zero-padded images, ignore-padded labels) and flip;
 - objective: pixel-wise cross-entropy that skips the ignore index (`--objective ce`);
@@ -40,6 +41,7 @@ __all__ = ["SegmentTask", "SegTransform", "SegmentCrossEntropy", "predict", "eva
 
 MOSAIC_SPLITS = (2000, 500)    # the default mosaic: train / test images
 MOSAIC_SIZE = 64
+HORSE_SPLITS = (800, 200)     # the scikit-image horse composites: train / test images
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:
@@ -250,11 +252,14 @@ class SegmentTask(Task):
     headline_label = "mIoU"
     headline_field = "miou"
     default_dataset = "mosaic"
-    datasets = ("mosaic", "mosaic-target", "mosaic-uda", "mosaic-uda-night", "seg-folder")
+    datasets = ("mosaic", "mosaic-target", "mosaic-uda", "mosaic-uda-night", "horse", "seg-folder")
 
     def load_data(self, cfg, img_size=None):
-        from formers.data import load_mosaic, load_seg_folder
+        from formers.data import load_horse, load_mosaic, load_seg_folder
         size = img_size if img_size is not None else cfg.img_size
+        if cfg.dataset == "horse":
+            return load_horse((cfg.limit_train or HORSE_SPLITS[0], cfg.limit_test or HORSE_SPLITS[1]),
+                              size=size or MOSAIC_SIZE)
         if cfg.dataset.startswith("mosaic"):
             splits = (cfg.limit_train or MOSAIC_SPLITS[0], cfg.limit_test or MOSAIC_SPLITS[1])
             if cfg.dataset.startswith("mosaic-uda"):

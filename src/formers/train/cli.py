@@ -96,7 +96,7 @@ def add_parser(subparsers):
     p.add_argument("--weight-decay", type=finite_float, default=_S, help=f"default {defaults['weight_decay']}")
     p.add_argument("--warmup-epochs", type=finite_float, default=_S,
                    help=f"linear warm-up, then cosine (default {DEFAULT_WARMUP_EPOCHS:g}); always capped at "
-                        f"{WARMUP_CAP:.0%} of the run's steps, with a note when a longer one is asked for")
+                        f"{WARMUP_CAP:.0%}% of the run's steps, with a note when a longer one is asked for")
     p.add_argument("--min-lr-ratio", type=finite_float, default=_S,
                    help=f"final lr / peak lr, in [0, 1] (default {defaults['min_lr_ratio']})")
     p.add_argument("--label-smoothing", type=finite_float, default=_S,

@@ -42,6 +42,18 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def average_norm_stats(self, model: torch.nn.Module):
+        """Average BatchNorm's running statistics over the ranks (timm's `--dist-bn reduce`, its default):
+        each rank updated them on its own shard of the batch, so without this the ranks evaluate and save
+        different models. Parameters need nothing: DDP keeps them equal."""
+        if not self.distributed:
+            return
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")) and buf.is_floating_point():
+                t = buf.detach().to(self.device, torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                buf.copy_(t / self.world_size)
+
     def gather_objects(self, obj) -> list:
         """`obj` from every rank (a list on every rank)."""
         if not self.distributed:

@@ -578,6 +578,9 @@ class _Run:
                                                dtype=torch.float64))
         train_loss, train_acc = float(sums[0] / sums[2]), float(100.0 * sums[1] / sums[3])
         imgs_per_s = self.steps_per_epoch * cfg.batch_size / max(pr["ep_time"], 1e-9)
+        ctx.average_norm_stats(raw)
+        if self.ema is not None:
+            ctx.average_norm_stats(self.ema.module)
         res = task.evaluate(raw, self.data, self.test_tf, cfg.eval_batch_size, ctx.device, cfg.precision, ctx)
         row = {"kind": "epoch", "step": pr["step"], "epoch": epoch + 1, "train_loss": train_loss,
                "train_acc": train_acc, **task.epoch_fields(res, "test"),
