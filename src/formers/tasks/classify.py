@@ -162,16 +162,33 @@ class ClassifyTask(Task):
         return load_dataset(cfg.dataset, cfg.data, img_size=cfg.img_size,
                             limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
-    def transforms(self, data, in_chans: int, size: int, augment: str):
-        """(train, test) transforms and the (mean, std) they normalise with, the training split's."""
+    def transforms(self, data, in_chans: int, size: int, augment: str, cfg=None):
+        """(train, test) transforms and the (mean, std) they normalise with, the training split's. With a
+        TrainConfig `cfg`, its strong augmentation: RandomResizedCrop (--augment rrc, rrc-flip), RandAugment
+        (--aa), random erasing (--reprob) and mixup / cutmix (--mixup, --cutmix)."""
         from formers.data import BatchTransform, channel_stats
+        from formers.data.augment import Mixup
+        from formers.data.randaugment import RandAugment
         mean, std = channel_stats(data.x_train)
         pad = max(1, size // 8) if augment in ("crop", "crop-flip") else 0
-        return (BatchTransform(mean, std, in_chans, crop_pad=pad, hflip=augment == "crop-flip"),
-                BatchTransform(mean, std, in_chans), (mean, std))
+        strong = {}
+        if cfg is not None:
+            if augment in ("rrc", "rrc-flip"):
+                strong["rrc"] = (tuple(cfg.scale), tuple(cfg.ratio))
+            if cfg.aa:
+                strong["rand_augment"] = RandAugment.from_string(cfg.aa, img_mean=[min(255, round(255 * m))
+                                                                                   for m in mean])
+            strong["reprob"] = cfg.reprob
+            if cfg.mixup > 0 or cfg.cutmix > 0:
+                strong["mixup"] = Mixup(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, data.num_classes)
+        train = BatchTransform(mean, std, in_chans, crop_pad=pad, hflip=augment in ("crop-flip", "rrc-flip"), **strong)
+        return train, BatchTransform(mean, std, in_chans), (mean, std)
 
     def make_batch(self, tf, x, y, params):
-        return tf(x, params), y
+        x = tf(x, params)
+        if getattr(tf, "mixup", None) is not None and params is not None:
+            return tf.mixup(x, y, params)        # soft targets (B, K)
+        return x, y
 
     def build_objective(self, name: str, kwargs: dict, label_smoothing: float):
         from formers.train.objectives import build_objective
@@ -184,7 +201,10 @@ class ClassifyTask(Task):
         return None
 
     def step_stats(self, logits, y):
-        """(correct, counted) of one micro-batch: top-1 hits over its images."""
+        """(correct, counted) of one micro-batch: top-1 hits over its images (against the larger part of
+        a mixed soft target)."""
+        if y.dim() == 2:
+            y = y.argmax(1)
         return (logits.detach().argmax(1) == y).sum(), y.numel()
 
     def evaluate(self, model, data, tf, batch_size: int, device, precision: str, ctx=None) -> dict:

@@ -271,7 +271,7 @@ class SegmentTask(Task):
             raise ValueError("--dataset seg-folder needs --data ROOT (ROOT/images/..., ROOT/annotations/...)")
         return load_seg_folder(cfg.data, img_size=size).limited(cfg.limit_train, cfg.limit_test)
 
-    def transforms(self, data, in_chans: int, size: int, augment: str):
+    def transforms(self, data, in_chans: int, size: int, augment: str, cfg=None):
         from formers.data import channel_stats
         mean, std = channel_stats(data.x_train)
         pad = max(1, size // 8) if augment in ("crop", "crop-flip") else 0

@@ -110,9 +110,26 @@ def add_parser(subparsers):
     p.add_argument("--ema-decay", type=finite_float, default=_S, help=f"in (0, 1) (default {defaults['ema_decay']})")
     p.add_argument("--in-chans", type=_positive_int, default=_S,
                    help="model input channels (default: the data's; grayscale is repeated for 3)")
-    p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default=_S,
+    p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip", "rrc", "rrc-flip"], default=_S,
                    help=f"auto (default): none for a run of fewer than {SHORT_RUN_EPOCHS} epochs, else a padded "
-                        "random crop, plus flips where the data set allows them")
+                        "random crop, plus flips where the data set allows them; rrc: timm's RandomResizedCrop")
+    aug = p.add_argument_group("strong augmentation (classification; timm's flags and meanings)")
+    aug.add_argument("--scale", type=finite_float, nargs=2, default=_S, metavar=("MIN", "MAX"),
+                     help="RandomResizedCrop's area fraction range (default 0.08 1.0)")
+    aug.add_argument("--ratio", type=finite_float, nargs=2, default=_S, metavar=("MIN", "MAX"),
+                     help="RandomResizedCrop's aspect-ratio range (default 0.75 1.333)")
+    aug.add_argument("--aa", default=_S, metavar="SPEC",
+                     help="RandAugment, as timm spells it, e.g. rand-m9-mstd0.5-inc1 (default off)")
+    aug.add_argument("--reprob", type=finite_float, default=_S, metavar="P",
+                     help="random erasing probability per image, per-pixel noise (default 0)")
+    aug.add_argument("--mixup", type=finite_float, default=_S, metavar="ALPHA",
+                     help="mixup Beta alpha, e.g. 0.8 (default 0: off)")
+    aug.add_argument("--cutmix", type=finite_float, default=_S, metavar="ALPHA",
+                     help="cutmix Beta alpha, e.g. 1.0 (default 0: off)")
+    aug.add_argument("--mixup-prob", type=finite_float, default=_S, metavar="P",
+                     help="probability that a batch is mixed (default 1)")
+    aug.add_argument("--mixup-switch-prob", type=finite_float, default=_S, metavar="P",
+                     help="probability of cutmix instead of mixup when both are on (default 0.5)")
     p.add_argument("--objective", default=_S, metavar="NAME",
                    help="training objective (default ce; see formers.train.objectives: multires, matformer, ...)")
     p.add_argument("--matformer", dest="objective", action="store_const", const="matformer", default=_S,

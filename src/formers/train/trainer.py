@@ -63,7 +63,15 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     objective: str = "ce"                # see objectives.py: ce | multires | matformer | sparse ...
     objective_kwargs: dict = field(default_factory=dict)
-    augment: str = "auto"                # auto | none | crop | crop-flip (auto: none for a short run)
+    augment: str = "auto"                # auto | none | crop | crop-flip | rrc | rrc-flip (auto: none for a short run)
+    scale: list = field(default_factory=lambda: [0.08, 1.0])     # RandomResizedCrop's area range (rrc)
+    ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # and its aspect-ratio range
+    aa: str | None = None                # timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0                  # random erasing probability (timm's --reprob)
+    mixup: float = 0.0                   # mixup alpha (0: off)
+    cutmix: float = 0.0                  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0              # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5       # probability of cutmix rather than mixup when both are on
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -107,7 +115,9 @@ def _validate(cfg: TrainConfig):
         return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
     for opt, v in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--warmup-epochs", cfg.warmup_epochs),
                    ("--min-lr-ratio", cfg.min_lr_ratio), ("--label-smoothing", cfg.label_smoothing),
-                   ("--clip-grad", cfg.clip_grad), ("--ema-decay", cfg.ema_decay)):
+                   ("--clip-grad", cfg.clip_grad), ("--ema-decay", cfg.ema_decay), ("--reprob", cfg.reprob),
+                   ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--mixup-prob", cfg.mixup_prob),
+                   ("--mixup-switch-prob", cfg.mixup_switch_prob)):
         if not finite(v):
             raise ValueError(f"{opt} must be a finite number, got {v}")
     checks = [
@@ -125,6 +135,15 @@ def _validate(cfg: TrainConfig):
         (0 < cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}"),
         (cfg.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {cfg.precision!r}"),
         (cfg.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}"),
+        (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1] <= 1,
+         f"--scale must be two numbers 0 < min <= max <= 1, got {cfg.scale}"),
+        (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1],
+         f"--ratio must be two numbers 0 < min <= max, got {cfg.ratio}"),
+        (0 <= cfg.reprob <= 1, f"--reprob must be in [0, 1], got {cfg.reprob}"),
+        (cfg.mixup >= 0 and cfg.cutmix >= 0, f"--mixup and --cutmix are Beta alphas >= 0, got {cfg.mixup}, "
+                                             f"{cfg.cutmix}"),
+        (0 <= cfg.mixup_prob <= 1 and 0 <= cfg.mixup_switch_prob <= 1,
+         "--mixup-prob and --mixup-switch-prob must be in [0, 1]"),
         (cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}"),
         (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
         (cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}"),
@@ -138,6 +157,15 @@ def _validate(cfg: TrainConfig):
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    strong = [flag for flag, on in (("--augment " + cfg.augment, cfg.augment.startswith("rrc")), ("--aa", cfg.aa),
+                                    ("--reprob", cfg.reprob > 0), ("--mixup", cfg.mixup > 0),
+                                    ("--cutmix", cfg.cutmix > 0)) if on]
+    if strong and task.name != "classify":
+        raise ValueError(f"{', '.join(strong)}: strong augmentation is for classifiers so far; {cfg.model} is a "
+                         f"{task.name} model (use --augment crop-flip)")
+    if cfg.aa:
+        from formers.data.randaugment import RandAugment
+        RandAugment.from_string(cfg.aa)                          # a bad string fails before any data is read
     task.build_objective(cfg.objective, cfg.objective_kwargs, cfg.label_smoothing or 0.0)  # unknown name / bad kwargs
     for k, what in _RESERVED_KWARGS.items():
         if k in cfg.model_kwargs:
@@ -271,7 +299,7 @@ class _Run:
         self.data = data.resized(size)
         self.cfg = cfg = self._resolve_recipe(cfg, len(data.y_train), data.hflip)
         self.train_tf, self.test_tf, (self.mean, self.std) = self.task.transforms(self.data, self.in_chans, size,
-                                                                                   cfg.augment)
+                                                                                   cfg.augment, cfg)
 
     def _resolve_recipe(self, cfg: TrainConfig, n_train: int, hflip: bool) -> TrainConfig:
         """Turn the 'auto' settings into the values used, and cap the warm-up at WARMUP_CAP of the run.
@@ -310,7 +338,15 @@ class _Run:
                  f"cosine over {total} steps to {cfg.min_lr_ratio:g}x lr",
                  f"label smoothing {cfg.label_smoothing:g}"
                  + (f" ({why['label_smoothing']})" if "label_smoothing" in why else ""),
-                 f"augmentation {cfg.augment}" + (f" ({why['augment']})" if "augment" in why else "")]
+                 f"augmentation {cfg.augment}" + (f" ({why['augment']})" if "augment" in why else "")
+                 + (f" scale {cfg.scale[0]:g}-{cfg.scale[1]:g}" if cfg.augment.startswith("rrc") else "")]
+        if cfg.aa:
+            parts.append(f"RandAugment {cfg.aa}")
+        if cfg.reprob:
+            parts.append(f"random erasing {cfg.reprob:g}")
+        if cfg.mixup or cfg.cutmix:
+            parts.append(f"mixup {cfg.mixup:g} cutmix {cfg.cutmix:g} (p {cfg.mixup_prob:g}, switch "
+                         f"{cfg.mixup_switch_prob:g})")
         if cfg.clip_grad:
             parts.append(f"clip {cfg.clip_grad:g}")
         if cfg.ema:
