@@ -60,6 +60,19 @@ def unregister():
     _REGISTRY.pop(NAME, None)
 
 
+def resumed_digests(full, step: int, out) -> tuple[list, list]:
+    """(the full run's, a run resumed from its checkpoint at `step` into `out`'s) parameter digests."""
+    import json
+
+    from formers.cli import main
+    ckpt = os.path.join(full, "checkpoints", f"step-{step:08d}.json")
+    assert main(["train", NAME, "--out", str(out), "--resume", ckpt, "--no-progress"]) == 0
+    def digests(run):
+        with open(os.path.join(run, "summary.json")) as f:
+            return json.load(f)["param_digests"]
+    return digests(full), digests(out)
+
+
 def script_cmd(*args) -> list[str]:
     """A command line that runs `formers ARGS` with the tiny model registered."""
     return [sys.executable, os.path.join(HERE, "train_helpers.py"), *map(str, args)]

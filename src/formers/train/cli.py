@@ -23,6 +23,17 @@ __all__ = ["add_parser"]
 _S = argparse.SUPPRESS
 
 
+def _lr_mult(text: str) -> tuple:
+    pattern, sep, factor = text.rpartition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = None
+    if not sep or not pattern or value is None or not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected PATTERN=FACTOR like encoder=0.1, got {text!r}")
+    return pattern, value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -92,13 +103,31 @@ def add_parser(subparsers):
     p.add_argument("--epochs", type=_positive_int, default=_S, help=f"default {defaults['epochs']}")
     p.add_argument("--batch-size", type=_positive_int, default=_S,
                    help=f"global batch, split across processes and --accum steps (default {defaults['batch_size']})")
-    p.add_argument("--lr", type=positive_float, default=_S, help=f"peak AdamW learning rate (default {defaults['lr']})")
+    p.add_argument("--lr", type=positive_float, default=_S, help=f"peak learning rate (default {defaults['lr']})")
     p.add_argument("--weight-decay", type=finite_float, default=_S, help=f"default {defaults['weight_decay']}")
     p.add_argument("--warmup-epochs", type=finite_float, default=_S,
                    help=f"linear warm-up, then cosine (default {DEFAULT_WARMUP_EPOCHS:g}); always capped at "
                         f"{WARMUP_CAP:.0%}% of the run's steps, with a note when a longer one is asked for")
     p.add_argument("--min-lr-ratio", type=finite_float, default=_S,
                    help=f"final lr / peak lr, in [0, 1] (default {defaults['min_lr_ratio']})")
+    o = p.add_argument_group("optimizer and schedule (timm's names)")
+    o.add_argument("--opt", default=_S, metavar="NAME",
+                   help="adamw (default), adam, sgd (Nesterov), momentum, lamb, rmsprop, or any torch.optim "
+                        "class by name (nadam, radam, ...)")
+    o.add_argument("--momentum", type=finite_float, default=_S, help="sgd / momentum / rmsprop (default 0.9)")
+    o.add_argument("--lr-mult", type=_lr_mult, action="append", default=_S, metavar="PATTERN=FACTOR",
+                   help="scale the lr of matching parameters (a dotted prefix or fnmatch pattern), e.g. "
+                        "encoder=0.1; repeatable, the first match wins")
+    o.add_argument("--sched", default=_S, choices=["cosine", "step", "poly", "constant"],
+                   help="the decay after the warm-up (default cosine)")
+    o.add_argument("--warmup-hold-epochs", type=finite_float, default=_S, metavar="E",
+                   help="epochs at the peak lr before the decay (default 0)")
+    o.add_argument("--decay-epochs", type=finite_float, default=_S, metavar="E",
+                   help="step: epochs between decays (default 1)")
+    o.add_argument("--decay-rate", type=finite_float, default=_S, help="step: factor per decay (default 0.1)")
+    o.add_argument("--poly-power", type=finite_float, default=_S, help="poly: the power (default 1; mmseg 0.9)")
+    o.add_argument("--patience", type=_positive_int, default=_S, metavar="EPOCHS",
+                   help="stop early after EPOCHS epochs without a better test headline metric (default off)")
     p.add_argument("--label-smoothing", type=finite_float, default=_S,
                    help=f"in [0, 1) (default {DEFAULT_LABEL_SMOOTHING:g}, or 0 for a run of fewer than "
                         f"{SHORT_RUN_EPOCHS} epochs)")
@@ -203,6 +232,8 @@ def _cmd_train(args):
         args.objective, args.objective_kwargs = "multires", {**kwargs, "sizes": args.multi_res}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if hasattr(args, "lr_mult"):
+        args.lr_mult = dict(args.lr_mult)
     names = {f.name for f in dc.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if "out" not in given:

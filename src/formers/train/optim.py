@@ -1,53 +1,162 @@
-"""AdamW with the usual weight-decay exclusions, a warmup + cosine schedule, and a weight EMA.
+"""Optimizers with the usual weight-decay exclusions, a warm-up + decay schedule, and a weight EMA.
 
 Weight decay skips 1-D parameters (norm scales, biases) and whatever the model names in
-`no_weight_decay()` (position tables, tokens, layer scales). The schedule is a pure
-function of the optimizer step, so its whole state is one integer.
+`no_weight_decay()` (position tables, tokens, layer scales). `--opt` picks the optimizer by timm's
+names (adamw, the default; adam; sgd = Nesterov momentum; momentum = plain momentum; lamb; rmsprop)
+or any `torch.optim` class by its name (nadam, radam, adamax, ...). `--lr-mult PATTERN=FACTOR`
+scales the learning rate of the parameters whose names match (`encoder=0.1`: every parameter under
+`encoder.`; fnmatch patterns too), as the dense papers train a pretrained backbone at 0.1x.
+
+The schedule (`--sched`: cosine, the default; step; poly; constant) is a pure function of the
+optimizer step, so its whole state is one integer: a linear warm-up, an optional hold at the peak,
+then the decay over the remaining steps, down to lr * min_ratio.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "WarmupCosine", "ModelEma"]
+__all__ = ["param_groups", "build_optimizer", "Lamb", "WarmupSchedule", "WarmupCosine", "ModelEma",
+           "OPTIMIZERS", "SCHEDULES", "lr_factor_of", "optimizer_names"]
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb", "rmsprop")
+SCHEDULES = ("cosine", "step", "poly", "constant")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights and the rest, each with its parameter names in order."""
+def lr_factor_of(name: str, lr_mult: dict | None) -> float:
+    """The learning-rate factor of parameter `name`: the first pattern of `lr_mult` that matches it
+    (a prefix of dotted names, or an fnmatch pattern), else 1."""
+    for pattern, factor in (lr_mult or {}).items():
+        if name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern):
+            return float(factor)
+    return 1.0
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict | None = None) -> list[dict]:
+    """The optimizer's groups: decayed weights and the rest (per learning-rate factor when `lr_mult`
+    is given), each with its parameter names in order and its "lr_scale"."""
     skip = set()
     if hasattr(model, "no_weight_decay"):
         skip = set(model.no_weight_decay())
-    decay, no_decay = ([], []), ([], [])
+    groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         excluded = p.ndim <= 1 or name.endswith(".bias") or name in skip or any(
             name.startswith(k + ".") for k in skip)
-        group = no_decay if excluded else decay
-        group[0].append(name)
-        group[1].append(p)
-    groups = []
-    for (names, params), wd in ((decay, weight_decay), (no_decay, 0.0)):
-        if params:
-            groups.append({"params": params, "param_names": names, "weight_decay": wd})
-    return groups
+        key = (excluded, lr_factor_of(name, lr_mult))
+        names, params = groups.setdefault(key, ([], []))
+        names.append(name)
+        params.append(p)
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, k[0], k[1]))    # without lr_mult: decay, then no decay
+    return [{"params": groups[k][1], "param_names": groups[k][0], "weight_decay": 0.0 if k[0] else weight_decay,
+             "lr_scale": k[1]} for k in order]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    groups = param_groups(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, opt: str = "adamw", momentum: float = 0.9,
+                    lr_mult: dict | None = None) -> torch.optim.Optimizer:
+    """The optimizer `opt` over `param_groups`; each group's lr is lr * its lr_scale."""
+    groups = param_groups(model, weight_decay, lr_mult)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    name = opt.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name == "momentum":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+    if name == "lamb":
+        return Lamb(groups, lr=lr)
+    if name == "rmsprop":   # timm's: alpha 0.9, eps 1e-8 (not TF's 1e-3 epsilon placement)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-8, momentum=momentum)
+    by_name = _torch_optimizers()
+    if name in by_name:
+        return by_name[name](groups, lr=lr)
+    raise ValueError(f"unknown --opt {opt!r}; choose one of {', '.join(optimizer_names())}")
 
 
-class WarmupCosine:
-    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine down to lr*min_ratio."""
+_UNSUITED = {"lbfgs", "sparseadam", "muon"}   # need a closure, sparse gradients, or 2-D parameters only
+
+
+def _torch_optimizers() -> dict:
+    return {k.lower(): v for k, v in vars(torch.optim).items()
+            if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer
+            and k.lower() not in _UNSUITED}
+
+
+def optimizer_names() -> list[str]:
+    """What --opt accepts: timm's names, then the torch.optim classes by lower-case name."""
+    return list(OPTIMIZERS) + sorted(k for k in _torch_optimizers() if k not in OPTIMIZERS)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019) as timm's `Lamb` defaults it: Adam moments with bias correction, the
+    update plus weight decay scaled by the trust ratio ||w|| / ||update|| (1 where either is 0) on the
+    decayed groups only, the gradients first clipped to a global norm of `max_grad_norm`."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
+                 max_grad_norm: float | None = 1.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clip = 1.0
+        if self.max_grad_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in grads]))
+            clip = (norm / self.max_grad_norm).clamp(min=1.0)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                grad = p.grad / clip
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                c1, c2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                update = (m / c1) / (v.sqrt() / math.sqrt(c2) + group["eps"])
+                if group["weight_decay"] != 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    update.mul_(trust)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+class WarmupSchedule:
+    """Linear warm-up from lr/(warmup+1) to lr over `warmup` steps, `hold` steps at lr, then `kind`
+    down to lr*min_ratio at the last step: cosine; step (x decay_rate every decay_steps, floored at
+    min_ratio); poly ((1 - t)^power, mmseg's); constant."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                 min_ratio: float = 0.01):
+                 min_ratio: float = 0.01, kind: str = "cosine", hold_steps: int = 0, decay_steps: int = 1,
+                 decay_rate: float = 0.1, power: float = 1.0):
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown --sched {kind!r}; choose one of {', '.join(SCHEDULES)}")
         self.optimizer = optimizer
         self.total = max(1, total_steps)
         self.warmup = max(0, min(warmup_steps, self.total - 1))
+        self.hold = max(0, min(hold_steps, self.total - 1 - self.warmup))
+        self.kind, self.decay_steps, self.decay_rate, self.power = kind, max(1, decay_steps), decay_rate, power
         self.min_ratio = min_ratio
         self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for g, lr in zip(optimizer.param_groups, self.base_lrs):
@@ -58,7 +167,14 @@ class WarmupCosine:
     def factor(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        start = self.warmup + self.hold
+        if step < start or self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return max(self.min_ratio, self.decay_rate ** ((step - start) // self.decay_steps))
+        t = min(1.0, (step - start) / max(1, self.total - start))
+        if self.kind == "poly":
+            return self.min_ratio + (1 - self.min_ratio) * (1 - t) ** self.power
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     def _apply(self):
@@ -81,6 +197,9 @@ class WarmupCosine:
         # total/warmup stay as built (a resumed run may have been given more epochs)
         self.step_count = int(state["step_count"])
         self._apply()
+
+
+WarmupCosine = WarmupSchedule      # the default kind; the name older code imports
 
 
 class ModelEma:

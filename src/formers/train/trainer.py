@@ -33,7 +33,7 @@ from formers.checkpoint import save_checkpoint
 
 from .common import TrainingDiverged, autocast, check_model, default_img_size, weights_metadata
 from .distributed import DistContext, setup, teardown
-from .optim import ModelEma, WarmupCosine, build_optimizer
+from .optim import OPTIMIZERS, SCHEDULES, ModelEma, WarmupSchedule, build_optimizer
 from .report import MetricsLog, Progress, plot_curves
 from .state import (atomic_replace, capture_rng, clean_temp, find_latest, load_optimizer, load_train_state,
                     optimizer_tensors, restore_rng, save_train_state)
@@ -72,6 +72,15 @@ class TrainConfig:
     cutmix: float = 0.0                  # cutmix alpha (0: off)
     mixup_prob: float = 1.0              # probability that a batch is mixed at all
     mixup_switch_prob: float = 0.5       # probability of cutmix rather than mixup when both are on
+    opt: str = "adamw"                   # adamw | adam | sgd | momentum | lamb | rmsprop | any torch.optim name
+    momentum: float = 0.9                # sgd / momentum / rmsprop
+    lr_mult: dict = field(default_factory=dict)   # parameter-name pattern -> lr factor (encoder: 0.1)
+    sched: str = "cosine"                # cosine | step | poly | constant, after the warm-up (and hold)
+    warmup_hold_epochs: float = 0.0      # epochs at the peak lr between the warm-up and the decay
+    decay_epochs: float = 1.0            # step: epochs between decays
+    decay_rate: float = 0.1              # step: factor per decay
+    poly_power: float = 1.0              # poly: (1 - t) ** power
+    patience: int | None = None          # stop after this many epochs without a better headline metric
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -117,7 +126,9 @@ def _validate(cfg: TrainConfig):
                    ("--min-lr-ratio", cfg.min_lr_ratio), ("--label-smoothing", cfg.label_smoothing),
                    ("--clip-grad", cfg.clip_grad), ("--ema-decay", cfg.ema_decay), ("--reprob", cfg.reprob),
                    ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--mixup-prob", cfg.mixup_prob),
-                   ("--mixup-switch-prob", cfg.mixup_switch_prob)):
+                   ("--mixup-switch-prob", cfg.mixup_switch_prob), ("--momentum", cfg.momentum),
+                   ("--warmup-hold-epochs", cfg.warmup_hold_epochs), ("--decay-epochs", cfg.decay_epochs),
+                   ("--decay-rate", cfg.decay_rate), ("--poly-power", cfg.poly_power)):
         if not finite(v):
             raise ValueError(f"{opt} must be a finite number, got {v}")
     checks = [
@@ -144,6 +155,15 @@ def _validate(cfg: TrainConfig):
                                              f"{cfg.cutmix}"),
         (0 <= cfg.mixup_prob <= 1 and 0 <= cfg.mixup_switch_prob <= 1,
          "--mixup-prob and --mixup-switch-prob must be in [0, 1]"),
+        (cfg.sched in SCHEDULES, f"--sched must be one of {', '.join(SCHEDULES)}, got {cfg.sched!r}"),
+        (cfg.warmup_hold_epochs >= 0, f"--warmup-hold-epochs must be >= 0, got {cfg.warmup_hold_epochs}"),
+        (cfg.decay_epochs > 0 and 0 < cfg.decay_rate <= 1 and cfg.poly_power > 0,
+         "--decay-epochs must be > 0, --decay-rate in (0, 1] and --poly-power > 0"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1 epoch, got {cfg.patience}"),
+        (isinstance(cfg.lr_mult, dict) and all(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)
+                                               for v in cfg.lr_mult.values()),
+         f"--lr-mult takes PATTERN=FACTOR with a factor >= 0, got {cfg.lr_mult!r}"),
         (cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}"),
         (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
         (cfg.img_size is None or cfg.img_size >= 1, f"--img-size must be positive, got {cfg.img_size}"),
@@ -163,6 +183,10 @@ def _validate(cfg: TrainConfig):
     if strong and task.name != "classify":
         raise ValueError(f"{', '.join(strong)}: strong augmentation is for classifiers so far; {cfg.model} is a "
                          f"{task.name} model (use --augment crop-flip)")
+    from .optim import optimizer_names
+    if cfg.opt.lower() not in optimizer_names():
+        raise ValueError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)} or a torch.optim class "
+                         f"({', '.join(n for n in optimizer_names() if n not in OPTIMIZERS)})")
     if cfg.aa:
         from formers.data.randaugment import RandAugment
         RandAugment.from_string(cfg.aa)                          # a bad string fails before any data is read
@@ -332,10 +356,20 @@ class _Run:
         cfg, why = self.cfg, self.recipe_why
         steps = self.scheduler.warmup
         total = self.scheduler.total
-        parts = [f"recipe: AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}",
+        opt = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD (Nesterov)", "momentum": "SGD", "lamb": "LAMB",
+               "rmsprop": "RMSprop"}.get(cfg.opt.lower(), cfg.opt)
+        if cfg.opt.lower() in ("sgd", "momentum", "rmsprop"):
+            opt += f" momentum {cfg.momentum:g}"
+        parts = [f"recipe: {opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}"
+                 + "".join(f", {k} x{v:g}" for k, v in cfg.lr_mult.items()),
                  f"warm-up {steps} steps ({steps / self.steps_per_epoch:.2g} epochs"
                  + (f", {why['warmup']}" if "warmup" in why else "") + ")",
-                 f"cosine over {total} steps to {cfg.min_lr_ratio:g}x lr",
+                 (f"hold {self.scheduler.hold} steps, " if self.scheduler.hold else "")
+                 + {"cosine": f"cosine over {total} steps to {cfg.min_lr_ratio:g}x lr",
+                    "poly": f"poly (power {cfg.poly_power:g}) over {total} steps to {cfg.min_lr_ratio:g}x lr",
+                    "step": f"x{cfg.decay_rate:g} every {self.scheduler.decay_steps} steps (floor "
+                            f"{cfg.min_lr_ratio:g}x lr)",
+                    "constant": "constant lr"}[cfg.sched],
                  f"label smoothing {cfg.label_smoothing:g}"
                  + (f" ({why['label_smoothing']})" if "label_smoothing" in why else ""),
                  f"augmentation {cfg.augment}" + (f" ({why['augment']})" if "augment" in why else "")
@@ -380,10 +414,19 @@ class _Run:
                                      img_size=self.img_size, **cfg.model_kwargs)
         self.model = self.objective.prepare(model).to(ctx.device)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.opt, cfg.momentum, cfg.lr_mult)
+        if cfg.lr_mult:
+            matched = {p for g in self.optimizer.param_groups if g["lr_scale"] != 1.0 for p in g["param_names"]}
+            if not matched and all(v != 1.0 for v in cfg.lr_mult.values()):
+                raise ValueError(f"--lr-mult {', '.join(cfg.lr_mult)}: no parameter of {cfg.model} matches "
+                                 f"(its top-level modules: {', '.join(n for n, _ in self.model.named_children())})")
         total = cfg.epochs * self.steps_per_epoch
         warm = min(round(cfg.warmup_epochs * self.steps_per_epoch), math.floor(WARMUP_CAP * total))
-        self.scheduler = WarmupCosine(self.optimizer, total, warm, cfg.min_lr_ratio)
+        spe = self.steps_per_epoch
+        self.scheduler = WarmupSchedule(self.optimizer, total, warm, cfg.min_lr_ratio, cfg.sched,
+                                        hold_steps=round(cfg.warmup_hold_epochs * spe),
+                                        decay_steps=max(1, round(cfg.decay_epochs * spe)), decay_rate=cfg.decay_rate,
+                                        power=cfg.poly_power)
         # dropout / drop-path draws differ between processes (the data slices do too)
         _seed_all(cfg.seed * 1000 + 17 + ctx.rank)
         if ctx.device.type == "cuda":
@@ -530,13 +573,23 @@ class _Run:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.model = DDP(raw, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         try:
-            while self.progress["epoch"] < cfg.epochs:
+            while self.progress["epoch"] < cfg.epochs and not self._out_of_patience():
                 self._train_epoch(raw)
         except KeyboardInterrupt:
             _log(ctx, f"\ninterrupted at step {self.progress['step']}; continue with --resume "
                       f"(from the last checkpoint in {self.ckpt_dir})")
             raise
         return self._finish(raw)
+
+    def _out_of_patience(self) -> bool:
+        """Early stopping: `patience` epochs have passed since the best one (the last is saved as usual)."""
+        pr, patience = self.progress, self.cfg.patience
+        if patience is None or pr["epoch"] - pr["best_epoch"] < patience:
+            return False
+        self.stopped_early = pr["epoch"]
+        _log(self.ctx, f"early stop after epoch {pr['epoch']}: no better test {self.task.headline_label} for "
+                       f"{patience} epochs (best {pr['best_acc']:.2f}% at epoch {pr['best_epoch']})")
+        return True
 
     def _train_epoch(self, raw):
         from formers.data import BatchTransform, shard_slice, step_generator
@@ -673,7 +726,7 @@ class _Run:
                 "classes": self.data.classes, "img_size": self.img_size, "in_chans": self.in_chans,
                 "params_m": sum(p.numel() for p in raw.parameters()) / 1e6,
                 "epochs": pr["epoch"], "steps": pr["step"], "batch_size": cfg.batch_size,
-                "task": self.task.name, "headline": f"test_{hf}",
+                "stopped_early": getattr(self, "stopped_early", None), "task": self.task.name, "headline": f"test_{hf}",
                 f"best_test_{hf}": pr["best_acc"], "best_epoch": pr["best_epoch"], "best_weights": pr["best_weights"],
                 **{f"final_{k}": v for k, v in last.items() if k.startswith("test_")},
                 f"final_ema_test_{hf}": last.get(f"ema_test_{hf}"),
