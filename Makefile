@@ -25,10 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(TEST_ARGS)
 
-# ONNX export of every family checked against eager at two sizes (about 10 minutes on 2 cores)
+# the slow checks: ONNX export of every family against eager at two sizes, and torch.compile training
+# (about 12 minutes on 2 cores)
 test-export: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 -m slow tests/test_onnx_families.py tests/test_trace_windows.py \
-		tests/test_trace_sparse.py tests/test_trace_tokens.py $(TEST_ARGS)
+		tests/test_trace_sparse.py tests/test_trace_tokens.py tests/train/test_precision.py $(TEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/formers bench swin_tiny_patch4_window7_224 poolformer_s12 convformer_s18 caformer_s18 \

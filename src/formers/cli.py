@@ -18,7 +18,7 @@ import types
 # packages that add subcommands (module, attribute); each is optional so a missing extra
 # (e.g. matplotlib for training plots) only disables its own command
 _SUBCOMMANDS = ["formers.train.cli", "formers.bench.cli", "formers.transforms.cli", "formers.lra.cli",
-                "formers.export"]
+                "formers.export", "formers.predict"]
 
 
 class UsageError(Exception):

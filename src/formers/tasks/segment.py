@@ -325,6 +325,11 @@ def palette(k: int) -> torch.Tensor:
                          for i in range(k)], dtype=torch.uint8)
 
 
+def blend(image: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """A class colour over image pixels as every overlay shows it (float, 0..255, last dim RGB)."""
+    return 0.35 * image + 0.65 * colour
+
+
 def plot_overlays(images, labels, preds, classes, path: str, ignore_index: int = 255, title: str = ""):
     """A grid, one column per image: the image, its labels and the prediction blended over it (ignore
     pixels left uncoloured), with a legend of the classes."""
@@ -343,7 +348,7 @@ def plot_overlays(images, labels, preds, classes, path: str, ignore_index: int =
                 lab = lab.long()
                 valid = (lab != ignore_index)[..., None]
                 col = colours[lab.clamp(0, len(classes) - 1)]
-                shown = torch.where(valid, 0.35 * base + 0.65 * col, base)
+                shown = torch.where(valid, blend(base, col), base)
             axes[i, j].imshow(shown.clamp(0, 255).byte().numpy())
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])

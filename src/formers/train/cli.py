@@ -57,6 +57,13 @@ def _size_list(text: str) -> list[int]:
 _positive_int = positive_int
 
 
+def _name_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names like tensorboard,csv, got {text!r}")
+    return names
+
+
 def _scale_list(text: str) -> list[float]:
     try:
         scales = [float(t) for t in text.split(",") if t.strip()]
@@ -81,8 +88,8 @@ def _data_options(p, suppress: bool):
                    help="use a fixed subset of N test images")
     p.add_argument("--model-kwargs", type=_json_object, default=_S if suppress else {}, metavar="JSON",
                    help="extra keyword arguments for the model, e.g. '{\"drop_path_rate\": 0.1}'")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=_S if suppress else "fp32",
-                   help="bf16: autocast (CPU or GPU), weights stay fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=_S if suppress else "fp32",
+                   help="bf16 / fp16: autocast (CPU or GPU), weights stay fp32; fp16 trains with a gradient scaler")
     p.add_argument("--device", default=d, help="cpu | cuda | cuda:N (default: cuda if available)")
 
 
@@ -134,6 +141,10 @@ def add_parser(subparsers):
     p.add_argument("--clip-grad", type=positive_float, default=_S, metavar="NORM",
                    help="clip the gradient norm (default off)")
     p.add_argument("--accum", type=_positive_int, default=_S, help="gradient accumulation steps (default 1)")
+    p.add_argument("--channels-last", action="store_const", const=True, default=_S,
+                   help="model and batches in channels-last memory format (often faster for conv models)")
+    p.add_argument("--compile", action="store_const", const=True, default=_S,
+                   help="torch.compile the training step's model (on a CPU it needs a C++ compiler)")
     p.add_argument("--ema", action="store_const", const=True, default=_S,
                    help="keep an EMA of the weights (evaluated too)")
     p.add_argument("--ema-decay", type=finite_float, default=_S, help=f"in (0, 1) (default {defaults['ema_decay']})")
@@ -183,6 +194,10 @@ def add_parser(subparsers):
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=_S,
                    help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--log", dest="loggers", type=_name_list, default=_S, metavar="LIST",
+                   help="also log every metrics.jsonl row to: tensorboard (OUT/tb/; pip install tensorboard), "
+                        "csv (OUT/metrics_steps.csv, OUT/metrics_epochs.csv); comma-separated, e.g. "
+                        "tensorboard,csv (default: metrics.jsonl only)")
     p.set_defaults(func=_cmd_train)
 
     e = subparsers.add_parser(

@@ -106,9 +106,11 @@ def check_model(name: str, num_classes: int, in_chans: int, img_size: int, model
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     if precision == "fp32":
         return contextlib.nullcontext()
-    raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
 
 
 def weights_metadata(**fields) -> dict:

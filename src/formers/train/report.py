@@ -12,10 +12,12 @@ __all__ = ["MetricsLog", "Progress", "plot_curves", "plot_confusion"]
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line ({"kind": "step" | "epoch", "step": ..., ...})."""
+    """metrics.jsonl: one JSON object per line ({"kind": "step" | "epoch", "step": ..., ...}). Each row
+    written also goes to `loggers` (see loggers.py: --log tensorboard,csv), closed by close()."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, loggers: list | None = None):
         self.path = path
+        self.loggers = list(loggers or [])
 
     def reset(self):
         with open(self.path, "w"):
@@ -42,6 +44,14 @@ class MetricsLog:
     def write(self, row: dict):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
+
+    def close(self):
+        """Close (and so flush) the loggers; metrics.jsonl itself is never left open."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
 
 
 class Progress:

@@ -57,7 +57,9 @@ class TrainConfig:
     accum: int = 1
     ema: bool = False
     ema_decay: float = 0.998
-    precision: str = "fp32"              # fp32 | bf16 (autocast; weights stay fp32)
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast; weights stay fp32; fp16 with a grad scaler)
+    channels_last: bool = False          # model and batches in channels-last memory format
+    compile: bool = False                # torch.compile the training forward (eval and checkpoints use the module)
     img_size: int | None = None          # None: the data's size rounded up to what the model takes
     in_chans: int | None = None          # None: the data's channels (a grayscale set builds in_chans=1)
     model_kwargs: dict = field(default_factory=dict)
@@ -91,9 +93,10 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str | None = None
     progress: bool = True
+    loggers: list = field(default_factory=list)   # also log metrics.jsonl's rows to: tensorboard, csv (loggers.py)
 
 
-RESUME_FREE = {"epochs", "out", "save_every", "keep", "eval_batch_size", "device", "progress"}
+RESUME_FREE = {"epochs", "out", "save_every", "keep", "eval_batch_size", "device", "progress", "loggers"}
 # the default recipe. A warm-up longer than ~10% of a run hurts every short run (as in `formers lra`);
 # a run of few epochs learns more without augmentation or label smoothing (it does not overfit yet)
 WARMUP_CAP = 0.1
@@ -144,7 +147,10 @@ def _validate(cfg: TrainConfig):
         (cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad must be positive, got {cfg.clip_grad}"),
         (cfg.accum >= 1, f"--accum must be at least 1, got {cfg.accum}"),
         (0 < cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}"),
-        (cfg.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {cfg.precision!r}"),
+        (cfg.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}"),
+        (not (cfg.precision == "fp16" and cfg.objective == "dacs"),
+         "--precision fp16 needs the gradient scaler on every backward; the dacs objective makes its own "
+         "backward pass: use bf16 or fp32"),
         (cfg.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}"),
         (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1] <= 1,
          f"--scale must be two numbers 0 < min <= max <= 1, got {cfg.scale}"),
@@ -187,6 +193,9 @@ def _validate(cfg: TrainConfig):
     if cfg.opt.lower() not in optimizer_names():
         raise ValueError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)} or a torch.optim class "
                          f"({', '.join(n for n in optimizer_names() if n not in OPTIMIZERS)})")
+    if cfg.loggers:
+        from .loggers import check_loggers
+        check_loggers(cfg.loggers)                               # unknown name / tensorboard not installed
     if cfg.aa:
         from formers.data.randaugment import RandAugment
         RandAugment.from_string(cfg.aa)                          # a bad string fails before any data is read
@@ -383,6 +392,12 @@ class _Run:
                          f"{cfg.mixup_switch_prob:g})")
         if cfg.clip_grad:
             parts.append(f"clip {cfg.clip_grad:g}")
+        if cfg.precision == "fp16":
+            parts.append("fp16 with loss scaling")
+        if cfg.channels_last:
+            parts.append("channels-last")
+        if cfg.compile:
+            parts.append("torch.compile")
         if cfg.ema:
             parts.append(f"EMA {cfg.ema_decay:g}")
         if cfg.objective != "ce":
@@ -413,7 +428,11 @@ class _Run:
         model = formers.create_model(cfg.model, num_classes=self.data.num_classes, in_chans=self.in_chans,
                                      img_size=self.img_size, **cfg.model_kwargs)
         self.model = self.objective.prepare(model).to(ctx.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
+        # fp16's loss scaling (bf16 and fp32 need none); its state is checkpointed, so resume stays exact
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.opt, cfg.momentum, cfg.lr_mult)
         if cfg.lr_mult:
             matched = {p for g in self.optimizer.param_groups if g["lr_scale"] != 1.0 for p in g["param_names"]}
@@ -463,6 +482,8 @@ class _Run:
             self.ema.num_updates = int(meta["ema"]["num_updates"])
         load_optimizer(self.optimizer, tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
         self.progress.update(meta["progress"])
         saved = {k[len("objective/"):]: v for k, v in tensors.items() if k.startswith("objective/")}
         if saved or hasattr(self.objective, "load_state_tensors"):
@@ -504,6 +525,7 @@ class _Run:
             "progress": dict(self.progress),
             "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "ema": {"num_updates": self.ema.num_updates} if self.ema is not None else None,
             "rng": rng_meta,
         }
@@ -538,12 +560,14 @@ class _Run:
             clean_temp(cfg.out)
         self.metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
         self.elapsed_before = 0.0
+        resumed_step = None
         if self.state is not None:
             meta, tensors = self.state
             self._restore(meta, tensors)
             self.state = None
             self.elapsed_before = self.progress["elapsed"]
-            rows = self.metrics.truncate_after(self.progress["step"]) if ctx.is_main else []
+            resumed_step = self.progress["step"]
+            rows = self.metrics.truncate_after(resumed_step) if ctx.is_main else []
             _log(ctx, f"resumed from step {self.progress['step']} (epoch {self.progress['epoch'] + 1}, "
                       f"batch {self.progress['position']} of {self.steps_per_epoch}) in {self.ckpt_dir}")
         else:
@@ -572,6 +596,11 @@ class _Run:
             # order than DDP's bucket; DDP copies it and warns once per process: harmless here
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.model = DDP(raw, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        if ctx.is_main and cfg.loggers:
+            from .loggers import open_loggers
+            self.metrics.loggers = open_loggers(cfg.loggers, cfg.out, rows, resumed_step)
         try:
             while self.progress["epoch"] < cfg.epochs and not self._out_of_patience():
                 self._train_epoch(raw)
@@ -579,6 +608,8 @@ class _Run:
             _log(ctx, f"\ninterrupted at step {self.progress['step']}; continue with --resume "
                       f"(from the last checkpoint in {self.ckpt_dir})")
             raise
+        finally:
+            self.metrics.close()        # the loggers flush what they got, however the loop ended
         return self._finish(raw)
 
     def _out_of_patience(self) -> bool:
@@ -614,11 +645,13 @@ class _Run:
                 sl = slice(m * self.micro, (m + 1) * self.micro)
                 xb, yb = self.task.make_batch(self.train_tf, data.x_train[idx[sl]], data.y_train[idx[sl]],
                                               BatchTransform.slice_params(params, sl))
+                if cfg.channels_last and xb.dim() == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 sync = m == cfg.accum - 1 or not ddp
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     with autocast(dev, cfg.precision):
                         loss, logits = self.objective(self.model, xb, yb, pr["step"])
-                    (loss / cfg.accum).backward()
+                    self.scaler.scale(loss / cfg.accum).backward()
                 loss_sum += loss.detach() * len(yb)
                 hits, n = self.task.step_stats(logits, yb)
                 correct += hits
@@ -629,8 +662,10 @@ class _Run:
                 raise TrainingDiverged(f"the loss became {step_loss} at step {pr['step'] + 1}; lower --lr, "
                                        "or use --clip-grad / --precision fp32")
             if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)      # skipped (and the scale lowered) when fp16 gradients overflowed
+            self.scaler.update()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             if self.ema is not None:
